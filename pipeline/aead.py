@@ -1,0 +1,66 @@
+"""AES-256-GCM for one DEK: the AESGCM object and the per-DEK AAD prefix are built once.
+
+A `Sealer` owns the nonce sequence of its DEK: a counter from a random 96-bit start, so a
+nonce never repeats under one key for up to 2^96 records (the DEK cache retires keys long
+before, at `dek_max_records` <= 2^32). An `Opener` is the read side's twin.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from pipeline.envelope import NONCE_SIZE, aad_prefix, encode_long, record_key_suffix
+from pipeline.errors import DecryptionError, Reason
+
+DEK_SIZE = 32
+_NONCE_SPACE = 1 << (8 * NONCE_SIZE)
+
+
+def _cipher(dek: bytes) -> AESGCM:
+    if len(dek) != DEK_SIZE:
+        raise ValueError(f"a data key must be {DEK_SIZE} bytes for AES-256-GCM")
+    return AESGCM(dek)
+
+
+class Sealer:
+    """Seals records under one DEK whose header is already encoded and signed."""
+
+    __slots__ = ("__weakref__", "_aad_prefix", "_aesgcm", "_next_nonce", "header_bytes")
+
+    def __init__(self, dek: bytes, header_bytes: bytes, signed: bytes) -> None:
+        self._aesgcm = _cipher(dek)
+        self._aad_prefix = aad_prefix(signed)
+        self._next_nonce = secrets.randbits(8 * NONCE_SIZE)
+        self.header_bytes = header_bytes
+
+    def seal(self, plaintext: bytes, key: bytes | None) -> bytes:
+        """One v1 envelope: header bytes, fresh nonce, Avro-length-prefixed ciphertext."""
+        nonce = self._next_nonce.to_bytes(NONCE_SIZE, "big")
+        self._next_nonce = (self._next_nonce + 1) % _NONCE_SPACE
+        ciphertext = self._aesgcm.encrypt(
+            nonce, plaintext, self._aad_prefix + record_key_suffix(key)
+        )
+        return b"".join((self.header_bytes, nonce, encode_long(len(ciphertext)), ciphertext))
+
+
+class Opener:
+    """Opens records whose verified header is `header_bytes`."""
+
+    __slots__ = ("__weakref__", "_aad_prefix", "_aesgcm", "header_bytes")
+
+    def __init__(self, dek: bytes, header_bytes: bytes, signed: bytes) -> None:
+        self._aesgcm = _cipher(dek)
+        self._aad_prefix = aad_prefix(signed)
+        self.header_bytes = header_bytes
+
+    def open(self, nonce: bytes, ciphertext: bytes, key: bytes | None) -> bytes:
+        """Plaintext, or `DecryptionError(bad_tag)` if anything bound by the AAD changed."""
+        try:
+            return self._aesgcm.decrypt(
+                nonce, ciphertext, self._aad_prefix + record_key_suffix(key)
+            )
+        except InvalidTag as exc:
+            raise DecryptionError(Reason.BAD_TAG) from exc

@@ -1,0 +1,109 @@
+"""Settings: flags > environment > TOML > defaults, and errors that name the setting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from pipeline.config import MAX_RECORDS_PER_DEK, Settings, load_settings
+from pipeline.errors import ConfigError
+from workers.cli import main
+
+
+def test_defaults_match_the_contract() -> None:
+    settings = Settings()
+    assert settings.dek_max_age_seconds == 300
+    assert settings.dek_max_records == 1_000_000
+    assert settings.dek_max_bytes == 1 << 30
+    assert settings.dek_refresh_at == 0.8
+    assert settings.decrypt_cache_size == 10_000
+    assert settings.decrypt_cache_idle_seconds == 3600
+
+
+def test_precedence_flags_then_env_then_toml(tmp_path: Path) -> None:
+    config = tmp_path / "envpipe.toml"
+    config.write_text(
+        'dek_max_records = 10\ndek_max_bytes = 2048\nkms_key_id = "alias/from-file"\n'
+        'allowed_kms_keys = ["arn:a", "arn:b"]\n'
+    )
+    environ = {"ENVPIPE_DEK_MAX_RECORDS": "20", "ENVPIPE_DEK_MAX_BYTES": "4096"}
+    settings = load_settings({"dek_max_records": "30"}, environ=environ, config_file=config)
+    assert settings.dek_max_records == 30  # flag
+    assert settings.dek_max_bytes == 4096  # environment
+    assert settings.kms_key_id == "alias/from-file"  # file
+    assert settings.allowed_kms_keys == ("arn:a", "arn:b")
+    assert settings.dek_max_age_seconds == 300  # default
+
+
+def test_config_file_from_environment_and_envpipe_table(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text("[envpipe]\nbatch_max_records = 42\n")
+    settings = load_settings(environ={"ENVPIPE_CONFIG": str(config)})
+    assert settings.batch_max_records == 42
+
+
+def test_lists_and_booleans_from_environment() -> None:
+    settings = load_settings(
+        environ={
+            "ENVPIPE_ALLOWED_SIGNING_KEYS": "arn:1, arn:2,,",
+            "ENVPIPE_KMS_VERIFY_TLS": "false",
+        }
+    )
+    assert settings.allowed_signing_keys == ("arn:1", "arn:2")
+    assert settings.kms_verify_tls is False
+
+
+@pytest.mark.parametrize(
+    ("environ", "setting", "fragment"),
+    [
+        ({"ENVPIPE_DEK_MAX_RECORDS": "0"}, "ENVPIPE_DEK_MAX_RECORDS", "between 1 and"),
+        (
+            {"ENVPIPE_DEK_MAX_RECORDS": str(MAX_RECORDS_PER_DEK + 1)},
+            "ENVPIPE_DEK_MAX_RECORDS",
+            "4,294,967,296",
+        ),
+        ({"ENVPIPE_DEK_MAX_AGE_SECONDS": "soon"}, "ENVPIPE_DEK_MAX_AGE_SECONDS", "'soon'"),
+        ({"ENVPIPE_KMS_VERIFY_TLS": "maybe"}, "ENVPIPE_KMS_VERIFY_TLS", "true or false"),
+        ({"ENVPIPE_DEK_REFRESH_AT": "1.5"}, "ENVPIPE_DEK_REFRESH_AT", "between 0.1 and 0.99"),
+    ],
+)
+def test_errors_name_the_setting_value_and_range(
+    environ: dict[str, str], setting: str, fragment: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(environ=environ)
+    assert caught.value.setting == setting
+    assert str(caught.value).startswith(setting)
+    assert fragment in str(caught.value)
+
+
+def test_unknown_and_invalid_toml(tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text("dek_max_recs = 5\n")
+    with pytest.raises(ConfigError, match="dek_max_recs"):
+        load_settings(environ={}, config_file=config)
+    config.write_text("dek_max_records = \n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings(environ={}, config_file=config)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings(environ={}, config_file=tmp_path / "missing.toml")
+
+
+def test_cli_reports_config_errors_in_one_line() -> None:
+    result = CliRunner().invoke(main, ["config", "show", "--dek-max-records", "-5"])
+    assert result.exit_code == 2
+    assert "ENVPIPE_DEK_MAX_RECORDS" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_cli_config_show_uses_flags_and_env() -> None:
+    result = CliRunner().invoke(
+        main,
+        ["config", "show", "--batch-max-records", "77"],
+        env={"ENVPIPE_DEK_MAX_RECORDS": "123"},
+    )
+    assert result.exit_code == 0, result.output
+    assert "batch_max_records            77" in result.output
+    assert "dek_max_records              123" in result.output
