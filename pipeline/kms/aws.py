@@ -1,0 +1,254 @@
+"""AWS KMS through aiobotocore: one long-lived client, errors translated at the boundary.
+
+The client (and its connection pool) lives for the whole process, because opening one costs
+credential resolution and a TLS handshake: far too much for the record path. Credentials come
+only from the standard AWS chain, so they never travel through envpipe's own configuration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping
+from contextlib import AsyncExitStack
+from types import TracebackType
+from typing import TYPE_CHECKING, Self, TypeVar
+
+import aiohttp
+from aiobotocore.config import AioConfig
+from aiobotocore.session import get_session
+from botocore import exceptions as boto
+
+from pipeline.errors import ConfigError, KmsError, KmsRequestError, KmsUnavailableError
+from pipeline.types import DataKey
+
+if TYPE_CHECKING:
+    from types_aiobotocore_kms.client import KMSClient
+
+__all__ = ["AwsKms"]
+
+_T = TypeVar("_T")
+
+_MAX_MESSAGE = 200
+
+# Error codes worth retrying: AWS's own throttling and server-side failures. Any 5xx and 429
+# count as well, whatever their code; every other error is the caller's problem.
+_RETRIABLE_CODES = frozenset(
+    {
+        "ThrottlingException",
+        "Throttling",
+        "TooManyRequestsException",
+        "RequestLimitExceeded",
+        "LimitExceededException",
+        "KMSInternalException",
+        "KeyUnavailableException",
+        "DependencyTimeoutException",
+        "ServiceUnavailableException",
+        "ServiceUnavailable",
+        "InternalFailure",
+        "InternalError",
+        "RequestTimeout",
+        "RequestTimeoutException",
+    }
+)
+
+_NO_CREDENTIALS = (
+    "no usable AWS credentials; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+    "or AWS_PROFILE, or run with an instance/task role"
+)
+
+
+class AwsKms:
+    """`pipeline.types.Kms` on AWS KMS (or any endpoint speaking its API, such as moto).
+
+    Create it with `await AwsKms.open(...)` once per process and `await close()` at shutdown.
+    """
+
+    def __init__(self, client: KMSClient, stack: AsyncExitStack) -> None:
+        """Wrap an entered client; `stack` exits it. Prefer `AwsKms.open`."""
+        self._client: KMSClient | None = client
+        self._stack = stack
+        self._arns: dict[str, str] = {}
+
+    @classmethod
+    async def open(
+        cls,
+        *,
+        endpoint_url: str | None,
+        region: str | None,
+        max_pool_connections: int = 10,
+        verify: bool | str = True,
+        connect_timeout: float = 2.0,
+        read_timeout: float = 5.0,
+        max_attempts: int = 3,
+    ) -> Self:
+        """Create the process's KMS client.
+
+        `endpoint_url` None means real AWS; `region` None falls back to AWS_REGION /
+        AWS_DEFAULT_REGION. `verify` is True, False or a CA bundle path. `max_attempts` counts
+        the first try: 1 disables botocore's own retries (standard mode, jittered backoff).
+        """
+        config = AioConfig(
+            max_pool_connections=max_pool_connections,
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            retries={"total_max_attempts": max_attempts, "mode": "standard"},
+            user_agent_appid="envpipe",
+        )
+        stack = AsyncExitStack()
+        try:
+            client = await stack.enter_async_context(
+                get_session().create_client(
+                    "kms",
+                    region_name=region or None,
+                    endpoint_url=endpoint_url or None,
+                    verify=verify,
+                    config=config,
+                )
+            )
+        except boto.NoRegionError as exc:
+            raise ConfigError(
+                "AWS_REGION", "no AWS region configured; set AWS_REGION or AWS_DEFAULT_REGION"
+            ) from exc
+        except boto.InvalidRegionError as exc:
+            raise ConfigError("AWS_REGION", _truncate(str(exc))) from exc
+        except boto.ProfileNotFound as exc:
+            raise ConfigError("AWS_PROFILE", "the named AWS profile does not exist") from exc
+        except ValueError as exc:  # botocore's "Invalid endpoint: ..."
+            raise ConfigError("ENVPIPE_KMS_ENDPOINT", _truncate(str(exc))) from exc
+        return cls(client, stack)
+
+    async def close(self) -> None:
+        """Close the client and its connection pool. Idempotent."""
+        self._client = None
+        await self._stack.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def generate_data_key(self, key_id: str, context: Mapping[str, str]) -> DataKey:
+        """GenerateDataKey(AES_256); `key_id` of the result is the ARN, even for an alias."""
+        response = await self._call(
+            "GenerateDataKey",
+            lambda kms: kms.generate_data_key(
+                KeyId=key_id, KeySpec="AES_256", EncryptionContext=dict(context)
+            ),
+        )
+        return DataKey(
+            key_id=response["KeyId"],
+            plaintext=response["Plaintext"],
+            wrapped=response["CiphertextBlob"],
+        )
+
+    async def decrypt(self, key_id: str, wrapped: bytes, context: Mapping[str, str]) -> bytes:
+        """Decrypt, pinning KeyId so a blob naming another key is refused by KMS itself."""
+        response = await self._call(
+            "Decrypt",
+            lambda kms: kms.decrypt(
+                CiphertextBlob=wrapped, KeyId=key_id, EncryptionContext=dict(context)
+            ),
+        )
+        return response["Plaintext"]
+
+    async def sign(self, key_id: str, message: bytes) -> bytes:
+        """Sign(RAW, ECDSA_SHA_256): the DER signature."""
+        response = await self._call(
+            "Sign",
+            lambda kms: kms.sign(
+                KeyId=key_id,
+                Message=message,
+                MessageType="RAW",
+                SigningAlgorithm="ECDSA_SHA_256",
+            ),
+        )
+        return response["Signature"]
+
+    async def get_public_key(self, key_id: str) -> bytes:
+        """GetPublicKey: DER SubjectPublicKeyInfo, for verifying signatures locally."""
+        response = await self._call("GetPublicKey", lambda kms: kms.get_public_key(KeyId=key_id))
+        return response["PublicKey"]
+
+    async def resolve_key_id(self, key_id: str) -> str:
+        """DescribeKey → ARN, cached for the client's lifetime: aliases rarely move."""
+        arn = self._arns.get(key_id)
+        if arn is None:
+            response = await self._call("DescribeKey", lambda kms: kms.describe_key(KeyId=key_id))
+            arn = response["KeyMetadata"]["Arn"]
+            self._arns[key_id] = self._arns[arn] = arn
+        return arn
+
+    async def _call(self, operation: str, request: Callable[[KMSClient], Awaitable[_T]]) -> _T:
+        """Run one request, turning every botocore/aiohttp/socket error into a `KmsError`."""
+        client = self._client
+        if client is None:
+            raise KmsRequestError(operation, "ClientClosed", "AwsKms.close() was called")
+        try:
+            return await request(client)
+        except (boto.ClientError, boto.BotoCoreError, aiohttp.ClientError, OSError) as exc:
+            raise _translate(operation, exc) from exc
+
+
+# Client-side failures, first match wins (timeouts and TLS errors are also connection errors).
+_CLIENT_SIDE: tuple[tuple[tuple[type[Exception], ...], type[KmsError], str, str | None], ...] = (
+    (
+        (boto.NoCredentialsError, boto.PartialCredentialsError, boto.ProfileNotFound),
+        KmsRequestError,
+        "NoCredentials",
+        _NO_CREDENTIALS,
+    ),
+    # A credential provider (IMDS, container endpoint, SSO) failed: often transient.
+    (
+        (boto.CredentialRetrievalError, boto.TokenRetrievalError),
+        KmsUnavailableError,
+        "CredentialRetrievalError",
+        _NO_CREDENTIALS,
+    ),
+    ((boto.SSLError,), KmsUnavailableError, "TLSError", None),
+    (
+        (boto.ConnectTimeoutError, boto.ReadTimeoutError, asyncio.TimeoutError),
+        KmsUnavailableError,
+        "Timeout",
+        None,
+    ),
+    (
+        (boto.ConnectionError, boto.HTTPClientError, aiohttp.ClientError, OSError),
+        KmsUnavailableError,
+        "ConnectionError",
+        None,
+    ),
+)
+
+
+def _translate(operation: str, exc: Exception) -> KmsError:
+    """Map a foreign error to the envpipe tree: retriable if waiting could fix it.
+
+    Messages come from the KMS, from botocore's network errors (which name the endpoint) or
+    are fixed texts. Parameter validation reports can quote values (payload, key material),
+    so only their shape is kept.
+    """
+    if isinstance(exc, boto.ClientError):
+        error = exc.response.get("Error", {})
+        code = error.get("Code") or "Unknown"
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        retriable = code in _RETRIABLE_CODES or status >= 500 or status == 429
+        kind = KmsUnavailableError if retriable else KmsRequestError
+        return kind(operation, code, _truncate(error.get("Message", "")))
+    if isinstance(exc, boto.ParamValidationError):
+        report = str(exc.kwargs.get("report", ""))
+        shape = "; ".join(line.split(", value:")[0] for line in report.splitlines())
+        return KmsRequestError(operation, "ParamValidationError", _truncate(shape))
+    for types, error_type, code, fixed in _CLIENT_SIDE:
+        if isinstance(exc, types):
+            return error_type(operation, code, fixed or _truncate(str(exc)))
+    return KmsRequestError(operation, type(exc).__name__, _truncate(str(exc)))
+
+
+def _truncate(text: str) -> str:
+    return text if len(text) <= _MAX_MESSAGE else text[: _MAX_MESSAGE - 1] + "…"
