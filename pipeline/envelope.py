@@ -132,6 +132,11 @@ def encode_long(value: int) -> bytes:
     return bytes(out)
 
 
+def _long_size(value: int) -> int:
+    """Bytes in the minimal varint of a non-negative Avro long."""
+    return max(1, ((value << 1).bit_length() + 6) // 7)
+
+
 def encode_record(header_bytes: bytes, nonce: bytes, ciphertext: bytes) -> bytes:
     """One envelope: header bytes, nonce, Avro `bytes` ciphertext. No per-record Avro writer."""
     return b"".join((header_bytes, nonce, encode_long(len(ciphertext)), ciphertext))
@@ -153,7 +158,7 @@ def split_body(value: bytes, header_length: int) -> tuple[bytes, bytes]:
     """(nonce, ciphertext) after a header of known length; the ciphertext must end the value."""
     nonce_end = header_length + NONCE_SIZE
     length, start = _read_long(value, nonce_end)
-    if length < 0 or start + length != len(value):
+    if length < 0 or start + length != len(value) or start - nonce_end != _long_size(length):
         raise DecryptionError(Reason.MALFORMED)
     return value[header_length:nonce_end], value[start:]
 
@@ -191,7 +196,12 @@ def decode_header(value: bytes) -> tuple[Header, int]:
         signing_key_id=raw["signing_key_id"],
         signature=raw["signature"],
     )
-    return header, stream.tell()
+    length = stream.tell()
+    if encode_header(header) != value[:length]:
+        # Same meaning, other bytes (a negative enum index, a non-minimal varint, an
+        # unsorted context): refuse, so an envelope has exactly one encoding.
+        raise DecryptionError(Reason.MALFORMED)
+    return header, length
 
 
 @dataclass(frozen=True, slots=True)

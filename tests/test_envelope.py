@@ -125,3 +125,15 @@ def test_truncation_and_trailing_bytes_are_malformed() -> None:
 def test_error_message_is_opaque() -> None:
     error = DecryptionError(Reason.BAD_TAG)
     assert str(error) == "record could not be decrypted (reason=bad_tag)"
+
+
+def test_non_canonical_encodings_are_malformed() -> None:
+    header_bytes = envelope.encode_header(HEADER)
+    value = envelope.encode_record(header_bytes, b"N" * 12, b"C" * 5)
+    negative_enum = value[:1] + b"\x01" + value[2:]  # enum index -1 would alias index 0
+    long_version = b"\x82\x00" + value[1:]  # version 1 as a two-byte varint
+    long_length = header_bytes + b"N" * 12 + b"\x8a\x00" + b"C" * 5  # length 5, two bytes
+    for bad in (negative_enum, long_version, long_length):
+        with pytest.raises(DecryptionError) as caught:
+            envelope.decode_envelope(bad)
+        assert caught.value.reason is Reason.MALFORMED
