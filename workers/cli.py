@@ -1,0 +1,184 @@
+"""The `envpipe` command line. Thin: it parses, loads settings, and hands off to a module.
+
+Every setting in `pipeline.config.Settings` is also a flag on the commands that use it
+(`--dek-max-age-seconds`, ...), so precedence is flags > `ENVPIPE_*` environment > TOML
+(`--config`) > defaults, as the contract fixes.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from pipeline.config import Settings, describe_settings, load_settings
+from pipeline.errors import EnvpipeError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def settings_options(command: F) -> F:
+    """Add `--config` and one flag per setting; the command receives `settings: Settings`."""
+    helps = {env: (default, text) for env, default, text in describe_settings()}
+    for spec in reversed(fields(Settings)):
+        default, text = helps["ENVPIPE_" + spec.name.upper()]
+        command = click.option(
+            "--" + spec.name.replace("_", "-"),
+            spec.name,
+            default=None,
+            help=f"{text} [env ENVPIPE_{spec.name.upper()}; default {default or 'unset'}]",
+            metavar="VALUE",
+        )(command)
+    return click.option(
+        "--config",
+        "config_file",
+        type=click.Path(dir_okay=False, path_type=Path),
+        default=None,
+        help="TOML file with settings (flags and ENVPIPE_* variables win over it).",
+    )(command)
+
+
+def build_settings(options: dict[str, Any]) -> Settings:
+    """Pop the setting flags out of a command's options and load validated Settings."""
+    names = {spec.name for spec in fields(Settings)}
+    flags = {name: options.pop(name) for name in list(options) if name in names}
+    return load_settings(flags, config_file=options.pop("config_file", None))
+
+
+class _Group(click.Group):
+    """Turn envpipe errors into one clear line and exit code 2, never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except EnvpipeError as exc:
+            click.echo(f"envpipe: error: {exc}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="envpipe")
+def main() -> None:
+    """Envelope encryption for Kafka, with keys held by a KMS.
+
+    Start with `envpipe demo`. For a local broker and KMS: `envpipe dev up --state-dir DIR`,
+    then `source DIR/dev.env`.
+    """
+
+
+@main.group()
+def dev() -> None:
+    """Embedded broker (Tansu) and KMS emulator (moto) on loopback, for development."""
+
+
+@dev.command("up")
+@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option("--broker-port", type=int, default=None, help="Broker port (default: a free one).")
+@click.option("--kms-port", type=int, default=None, help="KMS port (default: a free one).")
+def dev_up(state_dir: Path, broker_port: int | None, kms_port: int | None) -> None:
+    """Start the services, create the dev keys and write STATE_DIR/dev.env."""
+    from workers import dev as services
+
+    env = services.up(state_dir, broker_port=broker_port, kms_port=kms_port)
+    click.echo(f"broker      {env.bootstrap_servers}  (pid {env.broker_pid})")
+    click.echo(f"kms         {env.kms_endpoint}  (pid {env.kms_pid})")
+    click.echo(f"wrapping    {env.kms_key_id} = {env.kms_key_arn}")
+    click.echo(f"signing     {env.signing_key_id} = {env.signing_key_arn}")
+    click.echo(f"environment source {state_dir / 'dev.env'}")
+
+
+@dev.command("down")
+@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), required=True)
+def dev_down(state_dir: Path) -> None:
+    """Stop the services started by `dev up` with this state dir (idempotent)."""
+    from workers import dev as services
+
+    stopped = services.down(state_dir)
+    click.echo("stopped" if stopped else "nothing was running")
+
+
+_STOP_WHEN_IDLE = click.option(
+    "--stop-when-idle",
+    type=click.FloatRange(min=0.1),
+    default=None,
+    metavar="SECONDS",
+    help="Finish, commit and exit 0 once no record has arrived for SECONDS.",
+)
+
+
+@main.command()
+@click.option("--source", required=True, help="Plaintext topic to read.")
+@click.option("--dest", required=True, help="Encrypted topic to write.")
+@click.option("--group", required=True, help="Consumer group id (share it to scale out).")
+@click.option("--dlq", default=None, help="Dead-letter topic for records that cannot be sealed.")
+@click.option("--stream", default=None, help="Stream name in the encryption context [source].")
+@_STOP_WHEN_IDLE
+@settings_options
+def encrypt(**options: Any) -> None:
+    """Consume plaintext records, seal each value, produce envelopes (at-least-once)."""
+    from workers import stream
+
+    settings = build_settings(options)
+    sys.exit(stream.run_encrypt(settings, **options))
+
+
+@main.command()
+@click.option("--source", required=True, help="Encrypted topic to read.")
+@click.option("--dest", required=True, help="Plaintext topic to write.")
+@click.option("--group", required=True, help="Consumer group id (share it to scale out).")
+@click.option("--dlq", required=True, help="Dead-letter topic for records that cannot be opened.")
+@_STOP_WHEN_IDLE
+@settings_options
+def decrypt(**options: Any) -> None:
+    """Consume envelopes, verify and open them, produce plaintext; failures go to --dlq."""
+    from workers import stream
+
+    settings = build_settings(options)
+    sys.exit(stream.run_decrypt(settings, **options))
+
+
+@main.command()
+@click.option("--topic", required=True, help="Encrypted topic to read (no group, no commit).")
+@click.option("--limit", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per record.")
+@settings_options
+def inspect(**options: Any) -> None:
+    """Show envelope headers and check signatures. Never decrypts a payload."""
+    from workers import inspect as inspector
+
+    settings = build_settings(options)
+    sys.exit(inspector.run(settings, **options))
+
+
+@main.command()
+@click.option("--records", type=click.IntRange(min=1), default=100_000, show_default=True)
+@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
+def demo(records: int, state_dir: Path | None) -> None:
+    """The whole path on the embedded broker and KMS, then a summary table."""
+    from workers import demo as demonstration
+
+    sys.exit(demonstration.run(records=records, state_dir=state_dir))
+
+
+@main.group()
+def config() -> None:
+    """Inspect configuration."""
+
+
+@config.command("show")
+@settings_options
+def config_show(**options: Any) -> None:
+    """Print the effective settings (flags > environment > TOML > defaults)."""
+    settings = build_settings(options)
+    for spec in fields(Settings):
+        value = getattr(settings, spec.name)
+        shown = ",".join(value) if isinstance(value, tuple) else value
+        click.echo(f"{spec.name:<28} {shown}")
+
+
+if __name__ == "__main__":
+    main()
