@@ -28,22 +28,40 @@ def _cipher(dek: bytes) -> AESGCM:
 class Sealer:
     """Seals records under one DEK whose header is already encoded and signed."""
 
-    __slots__ = ("__weakref__", "_aad_prefix", "_aesgcm", "_next_nonce", "header_bytes")
+    __slots__ = (
+        "__weakref__",
+        "_aad_keyed",
+        "_aad_null",
+        "_aesgcm",
+        "_next_nonce",
+        "header_bytes",
+    )
 
     def __init__(self, dek: bytes, header_bytes: bytes, signed: bytes) -> None:
         self._aesgcm = _cipher(dek)
-        self._aad_prefix = aad_prefix(signed)
+        prefix = aad_prefix(signed)
+        self._aad_null = prefix + record_key_suffix(None)
+        self._aad_keyed = prefix + record_key_suffix(b"")  # the key bytes follow
         self._next_nonce = secrets.randbits(8 * NONCE_SIZE)
         self.header_bytes = header_bytes
 
     def seal(self, plaintext: bytes, key: bytes | None) -> bytes:
         """One v1 envelope: header bytes, fresh nonce, Avro-length-prefixed ciphertext."""
-        nonce = self._next_nonce.to_bytes(NONCE_SIZE, "big")
-        self._next_nonce = (self._next_nonce + 1) % _NONCE_SPACE
-        ciphertext = self._aesgcm.encrypt(
-            nonce, plaintext, self._aad_prefix + record_key_suffix(key)
-        )
-        return b"".join((self.header_bytes, nonce, encode_long(len(ciphertext)), ciphertext))
+        counter = self._next_nonce
+        self._next_nonce = (counter + 1) % _NONCE_SPACE
+        nonce = counter.to_bytes(NONCE_SIZE, "big")
+        aad = self._aad_null if key is None else self._aad_keyed + key
+        ciphertext = self._aesgcm.encrypt(nonce, plaintext, aad)
+        doubled = len(ciphertext) << 1  # Avro's zig-zag of a non-negative length
+        if doubled < 0x4000:  # up to 8 KiB: one or two varint bytes, without the loop
+            length = (
+                bytes((doubled,))
+                if doubled < 0x80
+                else bytes(((doubled & 0x7F) | 0x80, doubled >> 7))
+            )
+        else:
+            length = encode_long(len(ciphertext))
+        return b"".join((self.header_bytes, nonce, length, ciphertext))
 
 
 class Opener:

@@ -113,17 +113,18 @@ class EncryptDekCache:
     def __len__(self) -> int:
         return len(self._slots)
 
-    def try_reserve(self, context: Hashable, nbytes: int) -> Sealer | None:
-        """Fast path: the sealer for one record if the current DEK fits, else None."""
+    def try_reserve(self, context: Hashable, nbytes: int, records: int = 1) -> Sealer | None:
+        """Fast path: the sealer for `records` records of `nbytes` in all if the current
+        DEK fits them all, else None. A batch reserves once, not once per record."""
         slot = self._slots.get(context)
         if slot is None or slot.current is None:
             return None
         now = self._clock()
         current = slot.current
-        if not current.fits(1, nbytes, now, self.policy):
+        if not current.fits(records, nbytes, now, self.policy):
             return None
-        self.stats["hit"] += 1
-        sealer = current.take(1, nbytes)
+        self.stats["hit"] += records
+        sealer = current.take(records, nbytes)
         if slot.ready is None and current.usage(now, self.policy) >= self.policy.refresh_at:
             self._start_mint(slot, now)
         return sealer

@@ -108,8 +108,13 @@ class Encryptor:
     ) -> list[bytes]:
         """Seal a batch of (value, key) records, in order."""
         cache_key, context = self._context(stream)
+        batch = records if isinstance(records, Sequence) else list(records)
+        whole = self.cache.try_reserve(cache_key, sum(len(value) for value, _ in batch), len(batch))
+        if whole is not None:
+            seal = whole.seal
+            return [seal(value, key) for value, key in batch]
         sealed = []
-        for value, key in records:
+        for value, key in batch:
             sealer = self.cache.try_reserve(cache_key, len(value)) or await self.cache.reserve(
                 cache_key, lambda: self._mint(context), len(value)
             )
