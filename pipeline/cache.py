@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine, Hashable
@@ -26,6 +25,7 @@ from typing import Any, Generic, TypeVar
 
 from pipeline.aead import Opener, Sealer
 from pipeline.errors import ConfigError, DecryptionError, DekExhaustedError, EnvpipeError, Reason
+from pipeline.retry import backoff_delay
 
 log = logging.getLogger(__name__)
 
@@ -206,11 +206,9 @@ class EncryptDekCache:
             return
         slot.failures += 1
         slot.last_error = error
-        ceiling = min(
-            self.policy.retry_max_seconds,
-            self.policy.retry_initial_seconds * 2 ** min(slot.failures, 30),
+        slot.retry_at = now + backoff_delay(
+            slot.failures, self.policy.retry_max_seconds, self.policy.retry_initial_seconds
         )
-        slot.retry_at = now + random.uniform(ceiling / 2, ceiling)  # noqa: S311 (jitter, not crypto)
         log.warning(
             "minting a data key failed (%s); retry in %.1fs",
             type(error).__name__,

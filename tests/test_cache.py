@@ -191,7 +191,7 @@ async def test_encrypt_cache_drops_retired_deks() -> None:
     encryptor, _, _ = build(DekPolicy(max_records=3, refresh_at=0.5))
     await encryptor.seal(b"x")
     cache = encryptor.cache
-    (slot,) = cache._slots.values()  # noqa: SLF001 (the test inspects internals on purpose)
+    (slot,) = cache._slots.values()
     assert slot.current is not None
     first = weakref.ref(slot.current.sealer)
     for _ in range(7):

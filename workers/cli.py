@@ -164,6 +164,27 @@ def demo(records: int, state_dir: Path | None) -> None:
     sys.exit(demonstration.run(records=records, state_dir=state_dir))
 
 
+@main.command()
+@click.option("--quick", is_flag=True, help="About two minutes instead of about fifteen.")
+@click.option("--smoke", is_flag=True, help="Tiny counts for the test suite; figures mean nothing.")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("bench-results"),
+    show_default=True,
+    help="Directory for results.json, results.md, details.json and the PNG plots.",
+)
+def bench(quick: bool, smoke: bool, out: Path) -> None:
+    """Side-by-side benchmarks on the embedded broker and KMS (needs envpipe[bench])."""
+    try:
+        from benchmarks import run as benchmark
+    except ImportError as exc:
+        raise click.ClickException(
+            f"the benchmarks run from a source checkout (benchmarks/ is not in the wheel): {exc}"
+        ) from exc
+    sys.exit(benchmark.main(out=out, quick=quick, smoke=smoke))
+
+
 @main.group()
 def config() -> None:
     """Inspect configuration."""

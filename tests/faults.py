@@ -1,0 +1,178 @@
+"""A KMS fault proxy: an HTTP-aware asyncio proxy in front of the KMS emulator.
+
+KMS speaks JSON 1.1 over HTTP POST, with the operation in the `X-Amz-Target` header. The proxy
+reads each request whole and answers it according to its current mode:
+
+    pass      forward to the upstream KMS and relay the answer
+    refuse    stop listening and drop open connections (connection refused)
+    stall     hold the request, unanswered, until the mode changes; then handle it anew
+    throttle  HTTP 400 {"__type": "ThrottlingException"}, as AWS does under load
+    internal  HTTP 500 {"__type": "KMSInternalException"}
+
+Being HTTP-aware matters: a plain TCP proxy could not fail requests on a pooled keep-alive
+connection, which is exactly what a client does between calls. `requests` counts what each
+mode answered, per operation, so a test can prove the fault was really hit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections import Counter
+from typing import Literal
+from urllib.parse import urlsplit
+
+Mode = Literal["pass", "refuse", "stall", "throttle", "internal"]
+
+_HOST = "127.0.0.1"
+_MAX_HEAD = 64 * 1024
+_ERRORS: dict[str, tuple[int, str, str]] = {
+    "throttle": (400, "Bad Request", "ThrottlingException"),
+    "internal": (500, "Internal Server Error", "KMSInternalException"),
+}
+
+
+class KmsFaultProxy:
+    """Listens on a loopback port; `endpoint` is the URL to give the client instead of the KMS."""
+
+    def __init__(self, upstream: str) -> None:
+        parts = urlsplit(upstream)
+        if parts.hostname is None or parts.port is None:
+            raise ValueError(f"upstream {upstream!r} needs a host and a port")
+        self._upstream = (parts.hostname, parts.port)
+        self.mode: Mode = "pass"
+        self.requests: Counter[tuple[str, str]] = Counter()
+        self._changed = asyncio.Event()
+        self._server: asyncio.Server | None = None
+        self._port = 0
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://{_HOST}:{self._port}"
+
+    def count(self, mode: Mode, operation: str | None = None) -> int:
+        """How many requests `mode` answered (for one operation, or all)."""
+        return sum(
+            n for (m, op), n in self.requests.items() if m == mode and operation in (None, op)
+        )
+
+    async def start(self) -> KmsFaultProxy:
+        await self._listen()
+        return self
+
+    async def close(self) -> None:
+        await self._stop_listening()
+        self._changed.set()  # release stalled requests so their handlers end
+
+    async def set_mode(self, mode: Mode) -> None:
+        """Switch mode; stalled requests are then handled under the new one."""
+        if mode == self.mode:
+            return
+        if mode == "refuse":
+            await self._stop_listening()
+        elif self.mode == "refuse":
+            await self._listen()
+        self.mode = mode
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def __aenter__(self) -> KmsFaultProxy:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _listen(self) -> None:
+        self._server = await asyncio.start_server(
+            self._serve, _HOST, self._port, reuse_address=True
+        )
+        self._port = self._server.sockets[0].getsockname()[1]
+
+    async def _stop_listening(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
+        for writer in list(self._writers):
+            writer.transport.abort()
+        if server is not None:
+            await server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.add(writer)
+        try:
+            while (request := await _read_message(reader)) is not None:
+                response = await self._answer(*request)
+                if response is None:
+                    return
+                writer.write(response)
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError, ValueError):
+            pass
+        finally:
+            self._writers.discard(writer)
+            writer.transport.abort()
+
+    async def _answer(self, head: bytes, body: bytes) -> bytes | None:
+        """The bytes to send back for one request; None to drop the connection."""
+        operation = _header(head, b"x-amz-target").rpartition(".")[2] or "?"
+        while True:
+            mode = self.mode
+            self.requests[(mode, operation)] += 1
+            if mode != "stall":
+                break
+            await self._changed.wait()
+        if mode == "refuse":
+            return None
+        if mode == "pass":
+            return await self._forward(head + body)
+        status, reason, error_type = _ERRORS[mode]
+        payload = json.dumps({"__type": error_type, "message": f"fault proxy: {mode}"}).encode()
+        return (
+            f"HTTP/1.1 {status} {reason}\r\n"
+            "Content-Type: application/x-amz-json-1.1\r\n"
+            f"x-amzn-RequestId: fault-proxy-{mode}\r\n"
+            f"Content-Length: {len(payload)}\r\n\r\n"
+        ).encode() + payload
+
+    async def _forward(self, request: bytes) -> bytes | None:
+        try:
+            reader, writer = await asyncio.open_connection(*self._upstream)
+        except OSError:
+            return None
+        try:
+            writer.write(request)
+            await writer.drain()
+            response = await _read_message(reader)
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+        return None if response is None else response[0] + response[1]
+
+
+async def _read_message(reader: asyncio.StreamReader) -> tuple[bytes, bytes] | None:
+    """One HTTP/1.1 message with a Content-Length body: (head, body), or None at EOF."""
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except asyncio.IncompleteReadError as exc:
+        if exc.partial:
+            raise
+        return None
+    except asyncio.LimitOverrunError as exc:
+        raise ValueError("HTTP head too long") from exc
+    if len(head) > _MAX_HEAD:
+        raise ValueError("HTTP head too long")
+    if _header(head, b"transfer-encoding"):
+        raise ValueError("chunked bodies are not supported")
+    length = int(_header(head, b"content-length") or 0)
+    return head, await reader.readexactly(length)
+
+
+def _header(head: bytes, name: bytes) -> str:
+    for line in head.split(b"\r\n")[1:]:
+        key, _, value = line.partition(b":")
+        if key.strip().lower() == name:
+            return value.strip().decode("latin-1")
+    return ""

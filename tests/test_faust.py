@@ -1,0 +1,321 @@
+"""The Faust app (`faust -A workers.faust_app worker`) on the embedded broker and moto.
+
+The Faust worker runs as a subprocess configured only through the environment, as the docs
+say to run it. Its envelopes are checked the strongest way there is: the aiokafka
+`envpipe decrypt` worker must open what Faust sealed, and Faust must open what
+`envpipe encrypt` sealed, both byte-identical with keys, headers and timestamps. Kafka helpers
+and the worker launcher come from the stream workers' tests, so both suites compare records
+the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import sys
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from importlib.util import find_spec
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from pipeline.envelope import STREAM_CONTEXT_KEY, VERSION_HEADER, decode_header
+from pipeline.errors import ConfigError
+from tests.test_stream import (
+    IDLE,
+    MARKER,
+    REPO,
+    Proc,
+    Rec,
+    Workers,
+    _committed,
+    _create_topic,
+    _flip,
+    _mixed_records,
+    _name,
+    _produce,
+    _read,
+)
+from workers.dev import DevEnv
+from workers.stream import ERROR_HEADER, SOURCE_HEADER
+
+if TYPE_CHECKING:
+    from workers.faust_app import FaustTopics
+
+pytestmark = [
+    pytest.mark.timeout(120),
+    pytest.mark.skipif(find_spec("faust") is None, reason="the faust extra is not installed"),
+]
+
+RECORDS = 1_000
+
+
+@dataclass
+class FaustWorker:
+    """A `faust ... worker` subprocess and the topics it was started with."""
+
+    topics: FaustTopics
+    proc: Proc
+
+    async def stop(self) -> int:
+        """SIGTERM, as an orchestrator stops it; returns the exit code."""
+        if self.proc.process.returncode is None:
+            self.proc.process.send_signal(signal.SIGTERM)
+        return await self.proc.wait(30)
+
+
+class Launcher:
+    """Starts Faust workers, and (`pool`) envpipe workers; kills any left at teardown."""
+
+    def __init__(self, pool: Workers, tmp_path: Path) -> None:
+        self.pool = pool
+        self._tmp = tmp_path
+        self._started: list[FaustWorker] = []
+
+    async def start(self, topics: FaustTopics) -> FaustWorker:
+        variables = {
+            "ENVPIPE_FAUST_APP_ID": topics.app_id,
+            "ENVPIPE_FAUST_ENCRYPTED": topics.encrypted,
+            "ENVPIPE_FAUST_SOURCE": topics.source,
+            "ENVPIPE_FAUST_CLEAR": topics.clear,
+            "ENVPIPE_FAUST_DLQ": topics.dlq,
+            "FAUST_DATADIR": str(self._tmp / f"{topics.app_id}-data"),
+        }
+        log = self._tmp / f"{topics.app_id}.log"
+        with log.open("wb") as out:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "faust",
+                "-A",
+                "workers.faust_app",
+                "worker",
+                "-l",
+                "info",
+                cwd=REPO,
+                env=self.pool.environ(**variables),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+            )
+        worker = FaustWorker(topics, Proc(topics.app_id, process, log, log))
+        self._started.append(worker)
+        return worker
+
+    async def close(self) -> None:
+        for worker in self._started:
+            if worker.proc.process.returncode is None:
+                worker.proc.process.kill()
+                await worker.proc.process.wait()
+        await self.pool.close()
+
+
+@pytest.fixture(scope="module")
+def tmp_module(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("faust")
+
+
+@pytest.fixture(scope="module")
+async def launch(dev_env: DevEnv, tmp_module: Path) -> AsyncIterator[Launcher]:
+    launcher = Launcher(Workers(dev_env, tmp_module), tmp_module)
+    try:
+        yield launcher
+    finally:
+        await launcher.close()
+
+
+@dataclass
+class Trip:
+    """A Faust worker with both agents, and the records it was given."""
+
+    faust: FaustWorker
+    source: list[Any]
+
+
+@pytest.fixture(scope="module")
+async def trip(dev_env: DevEnv, launch: Launcher) -> Trip:
+    """Plaintext in, through Faust's encrypt and decrypt agents, all out again."""
+    from workers.faust_app import FaustTopics
+
+    bootstrap = dev_env.bootstrap_servers
+    topics = FaustTopics(
+        source=_name("faust-plain"),
+        encrypted=_name("faust-enc"),
+        clear=_name("faust-clear"),
+        dlq=_name("faust-dlq"),
+        app_id=_name("faust-app"),
+    )
+    for topic in (topics.source, topics.encrypted, topics.clear, topics.dlq):
+        await _create_topic(bootstrap, topic)
+    plain = topics.source
+    faust = await launch.start(topics)
+    await _produce(bootstrap, plain, _mixed_records(RECORDS))
+    source = await _read(bootstrap, plain)
+    assert len(source) == RECORDS
+    await _until(faust, _wait_records(bootstrap, topics.clear, RECORDS, within=60))
+    return Trip(faust, source)
+
+
+async def _wait_records(bootstrap: str, topic: str, at_least: int, within: float) -> None:
+    """Poll by fetching: Tansu's ListOffsets undercounts topics written in multi-record batches."""
+    deadline = asyncio.get_running_loop().time() + within
+    while (count := len(await _read(bootstrap, topic))) < at_least:
+        if asyncio.get_running_loop().time() > deadline:
+            pytest.fail(f"{topic} holds {count} records after {within}s, expected {at_least}")
+        await asyncio.sleep(0.5)
+
+
+async def _until(faust: FaustWorker, waiting: Any) -> None:
+    """Await `waiting`, or fail at once with the worker's log if the worker exits."""
+    task = asyncio.ensure_future(waiting)
+    exited = asyncio.ensure_future(faust.proc.process.wait())
+    try:
+        await asyncio.wait({task, exited}, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            pytest.fail(f"the Faust worker exited with {exited.result()}:\n{faust.proc.tail()}")
+        await task
+    finally:
+        for future in (task, exited):
+            future.cancel()
+
+
+async def test_faust_round_trip_returns_every_record(dev_env: DevEnv, trip: Trip) -> None:
+    bootstrap, topics = dev_env.bootstrap_servers, trip.faust.topics
+    sealed = await _read(bootstrap, topics.encrypted)
+    opened = await _read(bootstrap, topics.clear)
+
+    assert len(sealed) == len(trip.source)
+    assert not [r for r in sealed if r.value is not None and MARKER in r.value]
+    assert all(r.headers[-1] == VERSION_HEADER for r in sealed)
+    assert sum(r.value is None for r in sealed) == sum(r.value is None for r in trip.source)
+    header, _ = decode_header(next(r.value for r in sealed if r.value))
+    assert header.kms_key_id == dev_env.kms_key_arn
+    assert header.signing_key_id == dev_env.signing_key_arn
+    assert dict(header.encryption_context) == {STREAM_CONTEXT_KEY: topics.source}
+    # Key, value, headers (repeats and order kept) and timestamp, as a multiset.
+    assert Counter(map(Rec.of, opened)) == Counter(map(Rec.of, trip.source))
+    assert await _read(bootstrap, topics.dlq) == []
+    where = {r.key: r.partition for r in trip.source if r.key is not None}
+    assert all(where[r.key] == r.partition for r in (*sealed, *opened) if r.key is not None)
+
+
+async def test_envpipe_decrypt_opens_what_faust_sealed(
+    dev_env: DevEnv, trip: Trip, launch: Launcher
+) -> None:
+    bootstrap, enc = dev_env.bootstrap_servers, trip.faust.topics.encrypted
+    dec, dlq = _name("faust-dec"), _name("faust-dec-dlq")
+    decrypt = await launch.pool.decrypt(
+        enc, dec, dlq, _name("g"), "--stop-when-idle", IDLE, name="dec"
+    )
+    assert await decrypt.wait(60) == 0, decrypt.tail()
+
+    assert Counter(map(Rec.of, await _read(bootstrap, dec))) == Counter(map(Rec.of, trip.source))
+    assert decrypt.stats()["dlq"] == 0
+
+
+async def test_faust_opens_what_envpipe_encrypt_sealed_and_dead_letters_tampering(
+    dev_env: DevEnv, launch: Launcher
+) -> None:
+    from workers.faust_app import FaustTopics
+
+    bootstrap = dev_env.bootstrap_servers
+    plain, enc = _name("faust-in"), _name("faust-in-enc")
+    for topic in (plain, enc):
+        await _create_topic(bootstrap, topic)
+    topics = FaustTopics(
+        encrypted=enc, clear=_name("faust-in-clear"), dlq=_name("faust-in-dlq"), app_id=_name("f")
+    )
+    faust = await launch.start(topics)  # decrypt agent only; it makes its output topics
+    originals = _mixed_records(300)
+    await _produce(bootstrap, plain, originals)
+    encrypt = await launch.pool.encrypt(
+        plain, enc, _name("g"), "--stop-when-idle", IDLE, name="enc"
+    )
+    assert await encrypt.wait(60) == 0, encrypt.tail()
+    sample = next(r for r in await _read(bootstrap, enc) if r.value and r.key)
+    value, headers = sample.value, (*sample.headers, ("n", b"bad"))
+    bad = [  # (expected reason, record)
+        ("bad_tag", Rec(b"bad-ciphertext", _flip(value, len(value) - 1), headers)),
+        ("bad_tag", Rec(b"bad-other-key", value, headers)),  # the AAD binds the record key
+        ("malformed", Rec(b"bad-plaintext", b'{"card": "4111 1111 1111 1111"}', (("n", b"p"),))),
+    ]
+    metadata = await _produce(bootstrap, enc, [rec for _, rec in bad])
+
+    good = len(originals)
+    await _until(faust, _wait_records(bootstrap, topics.clear, good, within=60))
+    await _until(faust, _wait_records(bootstrap, topics.dlq, len(bad), within=30))
+    assert await faust.stop() == 0, faust.proc.tail()
+
+    source = await _read(bootstrap, plain)
+    opened = await _read(bootstrap, topics.clear)
+    assert Counter(map(Rec.of, opened)) == Counter(map(Rec.of, source))
+    # The app made its missing output topics like its input: three partitions, keys kept.
+    where = {r.key: r.partition for r in await _read(bootstrap, enc) if r.key is not None}
+    assert all(where[r.key] == r.partition for r in opened if r.key is not None)
+    assert {r.partition for r in opened} == {0, 1, 2}
+    letters = {r.key: r for r in await _read(bootstrap, topics.dlq)}
+    assert len(letters) == len(bad)
+    for (reason, rec), meta in zip(bad, metadata, strict=True):
+        letter = letters[rec.key]
+        assert letter.value == rec.value  # the original bytes
+        assert tuple(letter.headers) == (
+            *rec.headers,
+            (ERROR_HEADER, reason.encode()),
+            (SOURCE_HEADER, f"{enc}/{meta.partition}/{meta.offset}".encode()),
+        ), rec.key
+
+
+async def test_sigterm_exits_zero_with_everything_committed(dev_env: DevEnv, trip: Trip) -> None:
+    topics = trip.faust.topics
+    assert await trip.faust.stop() == 0, trip.faust.proc.tail()
+
+    expected = Counter(r.partition for r in trip.source)
+    committed = await _committed(dev_env.bootstrap_servers, topics.app_id, topics.source)
+    assert committed == [expected[p] for p in range(3)]
+    sealed = Counter(r.partition for r in await _read(dev_env.bootstrap_servers, topics.encrypted))
+    committed = await _committed(dev_env.bootstrap_servers, topics.app_id, topics.encrypted)
+    assert committed == [sealed[p] for p in range(3)]
+    # One worker, one KMS client and cache for both agents: one DEK for every record.
+    calls = re.search(r"KMS calls by operation: (.*)", trip.faust.proc.tail())
+    assert calls is not None, trip.faust.proc.tail()
+    assert {"GenerateDataKey 1", "Sign 1", "Decrypt 1"} <= set(calls.group(1).strip().split(", "))
+
+
+# --- pieces -----------------------------------------------------------------------------------
+
+
+def test_timestamps_survive_faust_seconds_to_the_millisecond() -> None:
+    from workers.faust_helpers import _exact_seconds
+
+    edge = [*range(0, 200_000, 7), 1_700_000_000_123, 253_402_300_799_999]
+    assert [int((_exact_seconds(ms / 1000.0) or 0) * 1000) for ms in edge] == edge
+    assert _exact_seconds(None) is None
+
+
+@pytest.mark.parametrize(
+    ("environ", "setting"),
+    [
+        ({"ENVPIPE_FAUST_SOURCE": "a"}, "ENVPIPE_FAUST_ENCRYPTED"),
+        ({"ENVPIPE_FAUST_ENCRYPTED": "b"}, "ENVPIPE_FAUST_SOURCE"),
+        ({"ENVPIPE_FAUST_ENCRYPTED": "b", "ENVPIPE_FAUST_CLEAR": "c"}, "ENVPIPE_FAUST_DLQ"),
+    ],
+)
+def test_missing_topics_name_the_variable(environ: dict[str, str], setting: str) -> None:
+    from workers.faust_app import FaustTopics
+
+    with pytest.raises(ConfigError) as caught:
+        FaustTopics.from_environ(environ)
+    assert caught.value.setting == setting
+
+
+def test_topics_from_environ() -> None:
+    from workers.faust_app import FaustTopics
+
+    topics = FaustTopics.from_environ(
+        {"ENVPIPE_FAUST_ENCRYPTED": "e", "ENVPIPE_FAUST_SOURCE": " s ", "ENVPIPE_FAUST_STREAM": "x"}
+    )
+    assert topics == FaustTopics(encrypted="e", source="s", stream="x", app_id="envpipe-faust")

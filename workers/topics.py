@@ -1,0 +1,140 @@
+"""Small Kafka helpers for the tools that look at topics from outside a consumer group.
+
+`inspect` and `demo` read whole topics without joining a group or committing anything, and
+the demo creates its topics; both share these helpers so the edge cases live in one place.
+
+Where a topic ends is taken from the high watermark of fetch responses, not from
+`end_offsets()`: the embedded Tansu broker answers ListOffsets(latest) with the base offset
+of the last batch plus one, which undercounts a partition whose last batch holds more than
+one record.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaConnectionError
+
+from pipeline.errors import EnvpipeError
+
+__all__ = ["TopicError", "consumer", "create_topics", "scan"]
+
+_TOPIC_ALREADY_EXISTS = 36
+_POLL_MS = 200
+
+
+class TopicError(EnvpipeError):
+    """A topic cannot be read or created: missing, or the broker is unreachable."""
+
+
+def _unreachable(bootstrap_servers: str, exc: BaseException) -> TopicError:
+    return TopicError(
+        f"cannot reach the Kafka broker at {bootstrap_servers} "
+        f"(set ENVPIPE_BOOTSTRAP_SERVERS or --bootstrap-servers): {exc}"
+    )
+
+
+async def create_topics(bootstrap_servers: str, names: Iterable[str], partitions: int) -> None:
+    """Create the topics (replication factor 1); a topic that already exists is fine."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers, client_id="envpipe-admin")
+    try:
+        await admin.start()
+    except KafkaConnectionError as exc:
+        await admin.close()
+        raise _unreachable(bootstrap_servers, exc) from exc
+    try:
+        response = await admin.create_topics([NewTopic(name, partitions, 1) for name in names])
+    finally:
+        await admin.close()
+    failed = [
+        f"{topic}: {message or f'error code {code}'}"
+        for topic, code, message in response.topic_errors
+        if code not in (0, _TOPIC_ALREADY_EXISTS)
+    ]
+    if failed:
+        raise TopicError("cannot create topic(s): " + "; ".join(failed))
+
+
+@asynccontextmanager
+async def consumer(bootstrap_servers: str, *, client_id: str) -> AsyncIterator[Any]:
+    """A started consumer with no group and no commits, stopped on exit."""
+    kafka = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap_servers,
+        client_id=client_id,
+        group_id=None,
+        enable_auto_commit=False,
+    )
+    try:
+        await kafka.start()
+    except KafkaConnectionError as exc:
+        await kafka.stop()
+        raise _unreachable(bootstrap_servers, exc) from exc
+    try:
+        yield kafka
+    finally:
+        await kafka.stop()
+
+
+async def _partitions(kafka: Any, topic: str) -> list[TopicPartition]:
+    """Every partition of `topic`, or a TopicError that says the topic does not exist."""
+    partitions = kafka.partitions_for_topic(topic)
+    if partitions is None:
+        known = await kafka.topics()
+        if topic not in known:
+            listed = ", ".join(sorted(known)) or "none"
+            raise TopicError(f"topic {topic!r} does not exist (topics on the broker: {listed})")
+        raise TopicError(f"topic {topic!r} has no partition metadata yet; try again")
+    return [TopicPartition(topic, partition) for partition in sorted(partitions)]
+
+
+async def scan(
+    bootstrap_servers: str,
+    topic: str,
+    *,
+    client_id: str,
+    limit: int | None = None,
+    stall_seconds: float = 15.0,
+) -> AsyncGenerator[list[Any], None]:
+    """Yield batches of `topic`'s records from the start of every partition, up to its end.
+
+    "The end" is each partition's high watermark as seen when the scan reaches it, so records
+    appended meanwhile may or may not be included. Each batch is sorted by (partition,
+    offset). Stops after `limit` records; raises TopicError if no partition makes progress
+    for `stall_seconds` (a partition without a leader, say). A consumer of its own per scan:
+    aiokafka narrows its metadata to the assigned topics, so one cannot scan a second topic.
+    """
+    async with consumer(bootstrap_servers, client_id=client_id) as kafka:
+        partitions = await _partitions(kafka, topic)
+        kafka.assign(partitions)
+        await kafka.seek_to_beginning(*partitions)
+        remaining = limit
+        last_progress = time.monotonic()
+        while remaining is None or remaining > 0:
+            pending = [tp for tp in partitions if not await _at_end(kafka, tp)]
+            if not pending:
+                return
+            fetched = await kafka.getmany(*pending, timeout_ms=_POLL_MS, max_records=remaining)
+            batch = sorted(
+                (record for records in fetched.values() for record in records),
+                key=lambda record: (record.partition, record.offset),
+            )
+            if batch:
+                last_progress = time.monotonic()
+                if remaining is not None:
+                    batch = batch[:remaining]
+                    remaining -= len(batch)
+                yield batch
+            elif time.monotonic() - last_progress > stall_seconds:
+                stuck = ", ".join(str(tp.partition) for tp in pending)
+                raise TopicError(f"topic {topic!r}: partition(s) {stuck} stopped answering")
+
+
+async def _at_end(kafka: Any, tp: TopicPartition) -> bool:
+    """Whether the consumer's position has reached the partition's last fetched high watermark."""
+    highwater = kafka.highwater(tp)
+    return highwater is not None and await kafka.position(tp) >= highwater
