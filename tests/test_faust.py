@@ -39,9 +39,9 @@ from tests.test_stream import (
     _name,
     _produce,
     _read,
+    assert_dead_letters,
 )
 from workers.dev import DevEnv
-from workers.stream import ERROR_HEADER, SOURCE_HEADER
 
 if TYPE_CHECKING:
     from workers.faust_app import FaustTopics
@@ -257,16 +257,7 @@ async def test_faust_opens_what_envpipe_encrypt_sealed_and_dead_letters_tamperin
     where = {r.key: r.partition for r in await _read(bootstrap, enc) if r.key is not None}
     assert all(where[r.key] == r.partition for r in opened if r.key is not None)
     assert {r.partition for r in opened} == {0, 1, 2}
-    letters = {r.key: r for r in await _read(bootstrap, topics.dlq)}
-    assert len(letters) == len(bad)
-    for (reason, rec), meta in zip(bad, metadata, strict=True):
-        letter = letters[rec.key]
-        assert letter.value == rec.value  # the original bytes
-        assert tuple(letter.headers) == (
-            *rec.headers,
-            (ERROR_HEADER, reason.encode()),
-            (SOURCE_HEADER, f"{enc}/{meta.partition}/{meta.offset}".encode()),
-        ), rec.key
+    assert_dead_letters(await _read(bootstrap, topics.dlq), bad, metadata, enc)
 
 
 async def test_sigterm_exits_zero_with_everything_committed(dev_env: DevEnv, trip: Trip) -> None:

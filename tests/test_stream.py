@@ -617,6 +617,22 @@ def _flip(value: bytes, index: int) -> bytes:
     return value[:index] + bytes([value[index] ^ 0x01]) + value[index + 1 :]
 
 
+def assert_dead_letters(
+    letters: Sequence[Any], bad: Sequence[tuple[str, Any]], metadata: Sequence[Any], topic: str
+) -> None:
+    """Each bad record is in the DLQ once: original bytes and headers, reason and source."""
+    assert len(letters) == len(bad)
+    dead = {r.key: r for r in letters}
+    for (reason, rec), meta in zip(bad, metadata, strict=True):
+        letter = dead[rec.key]
+        assert letter.value == rec.value  # the original bytes
+        assert tuple(letter.headers) == (
+            *rec.headers,
+            (ERROR_HEADER, reason.encode()),
+            (SOURCE_HEADER, f"{topic}/{meta.partition}/{meta.offset}".encode()),
+        ), rec.key
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(150)
 async def test_bad_records_are_dead_lettered_and_good_ones_arrive(
@@ -661,17 +677,7 @@ async def test_bad_records_are_dead_lettered_and_good_ones_arrive(
 
     opened = await _read(bootstrap, dec)
     assert Counter(map(Rec.of, opened)) == Counter(Rec.of(r) for r in await _read(bootstrap, plain))
-    letters = await _read(bootstrap, dlq)
-    assert len(letters) == len(bad)
-    dead = {r.key: r for r in letters}
-    for (reason, rec), meta in zip(bad, metadata, strict=True):
-        letter = dead[rec.key]
-        assert letter.value == rec.value  # the original bytes
-        assert tuple(letter.headers) == (
-            *rec.headers,
-            (ERROR_HEADER, reason.encode()),
-            (SOURCE_HEADER, f"{enc}/{meta.partition}/{meta.offset}".encode()),
-        ), rec.key
+    assert_dead_letters(await _read(bootstrap, dlq), bad, metadata, enc)
     stats = decrypt.stats()
     assert stats["dlq"] == len(bad)
     assert stats["records_out"] == len(originals)

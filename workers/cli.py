@@ -110,14 +110,38 @@ _STOP_WHEN_IDLE = click.option(
 )
 
 
+def worker_options(
+    reads: str, writes: str, *, dlq_required: bool, dlq_help: str
+) -> Callable[[F], F]:
+    """The flags every stream worker shares: topics, group, DLQ, idle stop and settings."""
+
+    def decorate(command: F) -> F:
+        command = settings_options(command)
+        for option in reversed(
+            (  # click lists the last-applied option first
+                click.option("--source", required=True, help=f"{reads} topic to read."),
+                click.option("--dest", required=True, help=f"{writes} topic to write."),
+                click.option(
+                    "--group", required=True, help="Consumer group id (share it to scale out)."
+                ),
+                click.option("--dlq", required=dlq_required, default=None, help=dlq_help),
+                _STOP_WHEN_IDLE,
+            )
+        ):
+            command = option(command)
+        return command
+
+    return decorate
+
+
 @main.command()
-@click.option("--source", required=True, help="Plaintext topic to read.")
-@click.option("--dest", required=True, help="Encrypted topic to write.")
-@click.option("--group", required=True, help="Consumer group id (share it to scale out).")
-@click.option("--dlq", default=None, help="Dead-letter topic for records that cannot be sealed.")
+@worker_options(
+    "Plaintext",
+    "Encrypted",
+    dlq_required=False,
+    dlq_help="Dead-letter topic for records that cannot be sealed.",
+)
 @click.option("--stream", default=None, help="Stream name in the encryption context [source].")
-@_STOP_WHEN_IDLE
-@settings_options
 def encrypt(**options: Any) -> None:
     """Consume plaintext records, seal each value, produce envelopes (at-least-once)."""
     from workers import stream
@@ -127,12 +151,12 @@ def encrypt(**options: Any) -> None:
 
 
 @main.command()
-@click.option("--source", required=True, help="Encrypted topic to read.")
-@click.option("--dest", required=True, help="Plaintext topic to write.")
-@click.option("--group", required=True, help="Consumer group id (share it to scale out).")
-@click.option("--dlq", required=True, help="Dead-letter topic for records that cannot be opened.")
-@_STOP_WHEN_IDLE
-@settings_options
+@worker_options(
+    "Encrypted",
+    "Plaintext",
+    dlq_required=True,
+    dlq_help="Dead-letter topic for records that cannot be opened.",
+)
 def decrypt(**options: Any) -> None:
     """Consume envelopes, verify and open them, produce plaintext; failures go to --dlq."""
     from workers import stream
