@@ -16,8 +16,9 @@ those values, sealed by the harness with envpipe's `Encryptor`). Every run gets 
   `paced_latency_ms` is the latency envpipe adds when the system is not saturated.
 
 The worker stops itself after `--stop-when-idle` and writes its stats file. Latency is each
-worker's own figure: acknowledgement time minus the source record's timestamp (the Faust
-agent in `benchmarks.peers.faust_encrypt` measures it the same way). All drains run first,
+worker's own figure: acknowledgement time minus the source record's timestamp (the Faust app
+`workers.faust_app`, run as `python -m faust -A workers.faust_app worker`, measures it the
+same way, through `ENVPIPE_STATS_FILE` and `ENVPIPE_FAUST_STOP_WHEN_IDLE`). All drains run first,
 then all bursts, then all paced runs; within each kind, rounds interleave the
 implementations in rotating order, and the reported figures are medians over rounds.
 """
@@ -195,8 +196,9 @@ class PipelineStage:
             shift = _WARMUP_SHIFT_MS
             await produce(self._producer, source, pairs, 1, partitions=1, timestamp_shift_ms=shift)
         stats_file = self._workdir / f"{tag}.json"
-        module, args = self._command(impl, source, dest, f"bench-{tag}")
-        environ = child_environ(self._env, {"ENVPIPE_STATS_FILE": str(stats_file)})
+        module, args, extra = self._command(impl, source, dest, f"bench-{tag}")
+        extra["ENVPIPE_STATS_FILE"] = str(stats_file)
+        environ = child_environ(self._env, extra)
         child = Child(module, args, environ, self._workdir / f"{tag}.log")
         watch = OutputWatch(self._env.bootstrap_servers, dest, partitions)
         try:
@@ -226,21 +228,31 @@ class PipelineStage:
         self._progress(_progress_line(result, label))
         return result
 
-    def _command(self, impl: str, source: str, dest: str, group: str) -> tuple[str, list[str]]:
-        """The module and arguments that start `impl` (the real CLI for envpipe's workers)."""
+    def _command(
+        self, impl: str, source: str, dest: str, group: str
+    ) -> tuple[str, list[str], dict[str, str]]:
+        """The module, arguments and extra environment that start `impl` (the real CLIs)."""
         idle = f"{self._plan.idle_seconds:g}"
         common = ["--source", source, "--dest", dest, "--group", group, "--stop-when-idle", idle]
         if impl == "passthrough":
-            return "benchmarks.pipeline_worker", ["passthrough", *common]
+            return "benchmarks.pipeline_worker", ["passthrough", *common], {}
         if impl == "passthrough_padded":
             pad = ["--pad", str(self._inputs.overhead)]
-            return "benchmarks.pipeline_worker", ["passthrough_padded", *common, *pad]
+            return "benchmarks.pipeline_worker", ["passthrough_padded", *common, *pad], {}
         if impl == "envpipe_encrypt":
-            return "workers.cli", ["encrypt", *common]
+            return "workers.cli", ["encrypt", *common], {}
         if impl == "envpipe_decrypt":
-            return "workers.cli", ["decrypt", *common, "--dlq", f"{dest}-dlq"]
+            return "workers.cli", ["decrypt", *common, "--dlq", f"{dest}-dlq"], {}
         if impl == "faust_encrypt":
-            return "benchmarks.peers.faust_encrypt", common
+            # The ready app, configured as its docs say: only through the environment.
+            app = {
+                "ENVPIPE_FAUST_SOURCE": source,
+                "ENVPIPE_FAUST_ENCRYPTED": dest,
+                "ENVPIPE_FAUST_APP_ID": group,
+                "ENVPIPE_FAUST_STOP_WHEN_IDLE": idle,
+                "FAUST_DATADIR": str(self._workdir / f"{group}-data"),  # not the temp dir
+            }
+            return "faust", ["-A", "workers.faust_app", "worker", "-l", "warn"], app
         raise ValueError(f"unknown pipeline implementation {impl!r}")
 
 

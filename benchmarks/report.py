@@ -289,9 +289,10 @@ def _notes(results: dict[str, Any], details: dict[str, Any], plots: list[str]) -
         "- **passthrough / passthrough_padded**: `workers.stream`'s own loop with a copying "
         f"transform; padded appends {results.get('envelope_overhead_bytes')} bytes "
         "(envpipe's envelope overhead at 1 KiB).",
-        "- **faust_encrypt**: an interim Faust agent in `benchmarks/peers/faust_encrypt.py` "
-        "(per event: `await Encryptor.seal`, `send`), until `workers/faust_app.py` exists; "
-        "Faust's defaults except acks=all, linger and a 10 s session timeout.",
+        "- **faust_encrypt**: envpipe's ready Faust app, `faust -A workers.faust_app worker` "
+        "with only its encrypt agent (`AgentCrypto.seal_to` per event, acknowledged once "
+        "written), configured through `ENVPIPE_FAUST_*`; it writes its stats file and stops "
+        "when idle like the stream workers (see docs/faust.md).",
         f"- **KMS budget**: {budget.get('records', 0):,} records of 1 KiB sealed through one "
         f"Encryptor at default limits: {calls} → {budget.get('deks')} DEKs; calls at "
         f"checkpoints {budget.get('checkpoints')}.",

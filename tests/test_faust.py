@@ -11,6 +11,7 @@ the same way.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import signal
 import sys
@@ -76,8 +77,11 @@ class Launcher:
         self._tmp = tmp_path
         self._started: list[FaustWorker] = []
 
-    async def start(self, topics: FaustTopics) -> FaustWorker:
+    async def start(self, topics: FaustTopics, stats_file: Path | None = None) -> FaustWorker:
+        idle = topics.stop_when_idle
         variables = {
+            "ENVPIPE_FAUST_STOP_WHEN_IDLE": "" if idle is None else f"{idle:g}",
+            "ENVPIPE_STATS_FILE": "" if stats_file is None else str(stats_file),
             "ENVPIPE_FAUST_APP_ID": topics.app_id,
             "ENVPIPE_FAUST_ENCRYPTED": topics.encrypted,
             "ENVPIPE_FAUST_SOURCE": topics.source,
@@ -276,6 +280,40 @@ async def test_sigterm_exits_zero_with_everything_committed(dev_env: DevEnv, tri
     assert {"GenerateDataKey 1", "Sign 1", "Decrypt 1"} <= set(calls.group(1).strip().split(", "))
 
 
+async def test_idle_stop_exits_zero_and_writes_the_stats_file(
+    dev_env: DevEnv, launch: Launcher, tmp_module: Path
+) -> None:
+    from workers.faust_app import FaustTopics
+
+    bootstrap = dev_env.bootstrap_servers
+    topics = FaustTopics(
+        source=_name("faust-idle-plain"),
+        encrypted=_name("faust-idle-enc"),
+        app_id=_name("faust-idle"),
+        stop_when_idle=1.0,
+    )
+    for topic in (topics.source, topics.encrypted):
+        await _create_topic(bootstrap, topic)
+    records = _mixed_records(200)
+    await _produce(bootstrap, topics.source, records)
+    stats_file = tmp_module / f"{topics.app_id}.json"
+    faust = await launch.start(topics, stats_file=stats_file)
+
+    assert await faust.proc.wait(90) == 0, faust.proc.tail()
+    stats = json.loads(stats_file.read_text(encoding="utf-8"))
+    assert stats["direction"] == "encrypt"
+    assert stats["records_in"] == stats["records_out"] == len(records)
+    assert stats["dlq"] == 0
+    assert stats["tombstones"] == sum(r.value is None for r in records)
+    assert all(stats["latency_ms"][p] is not None for p in ("p50", "p99", "p999"))
+    assert {"GenerateDataKey": 1, "Sign": 1}.items() <= stats["kms_calls"].items()
+    assert stats["cache"]
+    assert stats["envelope_overhead_bytes"] > 0
+    assert len(stats["assigned_partitions"]) == 3
+    committed = await _committed(bootstrap, topics.app_id, topics.source)
+    assert sum(committed) == len(records)
+
+
 # --- pieces -----------------------------------------------------------------------------------
 
 
@@ -290,6 +328,17 @@ def test_timestamps_survive_faust_seconds_to_the_millisecond() -> None:
 @pytest.mark.parametrize(
     ("environ", "setting"),
     [
+        *(
+            (
+                {
+                    "ENVPIPE_FAUST_ENCRYPTED": "b",
+                    "ENVPIPE_FAUST_SOURCE": "a",
+                    "ENVPIPE_FAUST_STOP_WHEN_IDLE": bad,
+                },
+                "ENVPIPE_FAUST_STOP_WHEN_IDLE",
+            )
+            for bad in ("soon", "0", "-1", "nan", "inf")
+        ),
         ({"ENVPIPE_FAUST_SOURCE": "a"}, "ENVPIPE_FAUST_ENCRYPTED"),
         ({"ENVPIPE_FAUST_ENCRYPTED": "b"}, "ENVPIPE_FAUST_SOURCE"),
         ({"ENVPIPE_FAUST_ENCRYPTED": "b", "ENVPIPE_FAUST_CLEAR": "c"}, "ENVPIPE_FAUST_DLQ"),
@@ -310,3 +359,6 @@ def test_topics_from_environ() -> None:
         {"ENVPIPE_FAUST_ENCRYPTED": "e", "ENVPIPE_FAUST_SOURCE": " s ", "ENVPIPE_FAUST_STREAM": "x"}
     )
     assert topics == FaustTopics(encrypted="e", source="s", stream="x", app_id="envpipe-faust")
+    idle = {"ENVPIPE_FAUST_ENCRYPTED": "e", "ENVPIPE_FAUST_SOURCE": "s"}
+    idle["ENVPIPE_FAUST_STOP_WHEN_IDLE"] = "2.5"
+    assert FaustTopics.from_environ(idle).stop_when_idle == 2.5

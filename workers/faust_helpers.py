@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from functools import partial
@@ -52,6 +53,7 @@ from pipeline.errors import DecryptionError, EnvpipeError
 from pipeline.kms.counting import CountingKms
 from pipeline.retry import backoff_delay
 from workers.runtime import open_kms
+from workers.stats import WorkerStats
 from workers.stream import ERROR_HEADER, SOURCE_HEADER
 
 __all__ = [
@@ -150,6 +152,13 @@ async def _send_empty(
     return delivery
 
 
+def _size_change(plaintext: bytes | None, envelope: bytes | None) -> int | None:
+    """Bytes the envelope adds to the plaintext; None for a tombstone."""
+    if plaintext is None or envelope is None:
+        return None
+    return len(envelope) - len(plaintext)
+
+
 class AgentCrypto:
     """One KMS client, `Encryptor` and `Decryptor` per worker, created on the worker's loop.
 
@@ -160,11 +169,27 @@ class AgentCrypto:
 
     `stream` names the encryption context ("envpipe:stream"); by default each record's
     source topic, as `envpipe encrypt` does.
+
+    `stats` counts what `seal_to` / `open_to` did, as the stream workers count it (records
+    in and out, dead letters, latency at acknowledgement); `stats_json()` is the content of
+    their stats file. `direction` names it there.
     """
 
-    def __init__(self, settings: Settings | None = None, *, stream: str | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        stream: str | None = None,
+        direction: str = "faust",
+    ) -> None:
         self._settings = settings
         self._stream = stream
+        self.stats = WorkerStats(direction)
+        #: `time.monotonic()` of the latest event handed to `seal_to` / `open_to`
+        self.last_event: float | None = None
+        #: KMS calls and cache events of the clients and caches closed so far
+        self._closed_kms_calls: Counter[str] = Counter()
+        self._closed_cache: Counter[str] = Counter()
         self._kms: CountingKms | None = None
         self._encryptor: Encryptor | None = None
         self._decryptor: Decryptor | None = None
@@ -180,8 +205,31 @@ class AgentCrypto:
 
     @property
     def kms_calls(self) -> Counter[str]:
-        """KMS calls made so far, by operation."""
-        return self._kms.calls if self._kms is not None else Counter()
+        """KMS calls made so far, by operation (including before a `close()`)."""
+        calls = Counter(self._closed_kms_calls)
+        if self._kms is not None:
+            calls.update(self._kms.calls)
+        return calls
+
+    @property
+    def cache_stats(self) -> Counter[str]:
+        """DEK cache events so far, of the encrypt and decrypt caches together."""
+        events = Counter(self._closed_cache)
+        for cache_stats in self._live_cache_stats():
+            events.update(cache_stats)
+        return events
+
+    def _live_cache_stats(self) -> list[Counter[str]]:
+        live: list[Counter[str]] = []
+        if self._encryptor is not None:
+            live.append(self._encryptor.cache.stats)
+        if self._decryptor is not None:
+            live.append(self._decryptor.cache.stats)
+        return live
+
+    def stats_json(self) -> dict[str, Any]:
+        """The stats file's content, in the format of the stream workers' (workers/stream.py)."""
+        return self.stats.as_json(self.kms_calls, self.cache_stats)
 
     # -- one record --
 
@@ -219,6 +267,7 @@ class AgentCrypto:
 
         Without `dlq`, a record that cannot be sealed crashes the worker instead.
         """
+        self._took(event)
         try:
             sealed = await self.seal(event)
         except EnvpipeError as exc:
@@ -228,13 +277,16 @@ class AgentCrypto:
             log.error("a record could not be sealed: %s", type(exc).__name__)  # noqa: TRY400
             await self._reject(event, SEAL_FAILED, dlq, exc)
             return
-        await self._deliver(dest, event, sealed, sealed_headers(event.message.headers), dlq)
+        overhead = _size_change(event.message.value, sealed)
+        headers = sealed_headers(event.message.headers)
+        await self._deliver(dest, event, sealed, headers, dlq, overhead=overhead)
 
     async def open_to(self, dest: TopicT, event: EventT[Any], *, dlq: TopicT | None = None) -> None:
         """Open the event into `dest`, or dead-letter it; acknowledge it once written.
 
         Without `dlq`, a record that cannot be opened crashes the worker instead.
         """
+        self._took(event)
         try:
             opened = await self.open(event)
         except DecryptionError as exc:
@@ -243,7 +295,16 @@ class AgentCrypto:
         except EnvpipeError as exc:
             await self._crash(event, exc, "opening failed and retrying cannot help")
             raise
-        await self._deliver(dest, event, opened, opened_headers(event.message.headers), dlq)
+        overhead = _size_change(opened, event.message.value)
+        headers = opened_headers(event.message.headers)
+        await self._deliver(dest, event, opened, headers, dlq, overhead=overhead)
+
+    def _took(self, event: EventT[Any]) -> None:
+        """Count an event handed to `seal_to` / `open_to`."""
+        self.last_event = now = time.monotonic()
+        self.stats.fetched(1, now)
+        message = event.message
+        self.stats.records_in_by_partition[f"{message.topic}/{message.partition}"] += 1
 
     async def _deliver(
         self,
@@ -252,7 +313,10 @@ class AgentCrypto:
         value: bytes | None,
         headers: Headers,
         dlq: TopicT | None,
+        *,
+        overhead: int | None,
     ) -> None:
+        """Produce the output; `overhead` is envelope minus plaintext bytes (None: tombstone)."""
         try:
             delivery = await send_like(dest, event, value, headers)
         except ProducerSendError as exc:  # Faust's wrapper of aiokafka's errors
@@ -261,7 +325,7 @@ class AgentCrypto:
                 raise
             await self._reject(event, TOO_LARGE, dlq, exc)
             return
-        delivery.add_done_callback(partial(self._delivered, event))
+        delivery.add_done_callback(partial(self._delivered, event, None, overhead))
 
     async def _reject(
         self, event: EventT[Any], reason: str, dlq: TopicT | None, exc: Exception
@@ -272,12 +336,22 @@ class AgentCrypto:
             raise exc
         message = event.message
         delivery = await send_like(dlq, event, message.value, dead_letter_headers(event, reason))
-        delivery.add_done_callback(partial(self._delivered, event))
+        delivery.add_done_callback(partial(self._delivered, event, reason, None))
 
-    def _delivered(self, event: EventT[Any], delivery: asyncio.Future[Any]) -> None:
-        """Acknowledge the event once its output is written; crash the worker if it never is."""
+    def _delivered(
+        self,
+        event: EventT[Any],
+        reason: str | None,
+        overhead: int | None,
+        delivery: asyncio.Future[Any],
+    ) -> None:
+        """Acknowledge the event once its output is written; crash the worker if it never is.
+
+        `reason` is the dead-letter reason code, None for a record written to its destination.
+        """
         if not delivery.cancelled() and delivery.exception() is None:
             event.ack()
+            self._count_acknowledged(event, reason, overhead)
             return
         error = (
             delivery.exception() if not delivery.cancelled() else asyncio.CancelledError()
@@ -287,6 +361,26 @@ class AgentCrypto:
         )
         self._crashes.add(task)
         task.add_done_callback(self._crashes.discard)
+
+    def _count_acknowledged(
+        self, event: EventT[Any], reason: str | None, overhead: int | None
+    ) -> None:
+        """The stream workers' bookkeeping: latency is now minus the source record's time."""
+        stats = self.stats
+        if reason is not None:
+            stats.dlq += 1
+            stats.dlq_reasons[reason] += 1
+        else:
+            stats.records_out += 1
+            if overhead is None:
+                stats.tombstones += 1
+            else:
+                stats.overhead_bytes += overhead
+                stats.overhead_records += 1
+        timestamp = event.message.timestamp
+        if timestamp is not None:
+            stats.latency_ms.add(time.time() * 1000 - timestamp * 1000)
+        stats.acknowledged(time.monotonic())
 
     @staticmethod
     async def _crash(event: EventT[Any], exc: BaseException, why: str) -> None:
@@ -340,6 +434,10 @@ class AgentCrypto:
     async def close(self) -> None:
         """Drop every DEK and close the KMS client; the next use starts afresh."""
         encryptor, decryptor, kms = self._encryptor, self._decryptor, self._kms
+        for cache_stats in self._live_cache_stats():
+            self._closed_cache.update(cache_stats)
+        if kms is not None:
+            self._closed_kms_calls.update(kms.calls)
         self._encryptor = self._decryptor = self._kms = None
         if encryptor is not None:
             await encryptor.close()

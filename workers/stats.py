@@ -9,11 +9,13 @@ so a worker can record every record's latency for days.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 __all__ = ["Histogram", "WorkerStats"]
@@ -208,6 +210,13 @@ class WorkerStats:
             "records_in_by_partition": dict(sorted(self.records_in_by_partition.items())),
             "assigned_partitions": sorted(self.assigned_partitions),
         }
+
+    def write(self, path: Path, kms_calls: Counter[str], cache: Counter[str]) -> None:
+        """Write `as_json` to `path` atomically (a temporary file, then a rename); OSError."""
+        document = self.as_json(kms_calls, cache)
+        temporary = path.with_name(path.name + ".tmp")
+        temporary.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+        temporary.replace(path)
 
     def summary_line(self) -> str:
         """One line for the log at exit."""

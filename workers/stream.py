@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import random
@@ -497,11 +496,8 @@ class _Worker:
         await self._transform.close()
 
     def _write_stats(self, path: Path) -> None:
-        document = self.stats.as_json(self._transform.kms_calls, self._transform.cache_stats)
-        temporary = path.with_name(path.name + ".tmp")
         try:
-            temporary.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
-            temporary.replace(path)
+            self.stats.write(path, self._transform.kms_calls, self._transform.cache_stats)
         except OSError as exc:
             log.warning("cannot write the stats file %s: %s", path, exc)
 
