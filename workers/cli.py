@@ -139,7 +139,10 @@ def worker_options(
     "Plaintext",
     "Encrypted",
     dlq_required=False,
-    dlq_help="Dead-letter topic for records that cannot be sealed.",
+    dlq_help=(
+        "Dead-letter topic for records that cannot be sealed. It holds their PLAINTEXT: "
+        "protect it like the source topic."
+    ),
 )
 @click.option("--stream", default=None, help="Stream name in the encryption context [source].")
 def encrypt(**options: Any) -> None:
