@@ -276,6 +276,10 @@ class Decryptor:
         Costs no KMS call for a header that fails (public keys are fetched only for
         allowlisted signing keys, and then cached).
         """
+        return await self._check(header, signed_bytes(header))
+
+    async def _check(self, header: Header, signed: bytes) -> Reason | None:
+        """`check_header` with the signed bytes S already encoded."""
         if (
             header.kms_key_id not in self.allowed_kms_keys
             or header.signing_key_id not in self.allowed_signing_keys
@@ -283,13 +287,14 @@ class Decryptor:
             return Reason.KEY_NOT_ALLOWED
         public_key = await self.public_key(header.signing_key_id)
         try:
-            public_key.verify(header.signature, signed_bytes(header), _ECDSA_SHA256)
+            public_key.verify(header.signature, signed, _ECDSA_SHA256)
         except (InvalidSignature, ValueError):
             return Reason.BAD_SIGNATURE
         return None
 
     async def _admit(self, header: Header, header_bytes: bytes) -> Opener:
-        reason = await self.check_header(header)
+        signed = signed_bytes(header)  # once: for the signature check and the AAD
+        reason = await self._check(header, signed)
         if reason is not None:
             raise DecryptionError(reason)
         try:
@@ -300,7 +305,7 @@ class Decryptor:
             raise DecryptionError(Reason.UNWRAP_FAILED) from exc
         if len(dek) != DEK_SIZE:
             raise DecryptionError(Reason.UNWRAP_FAILED)
-        return Opener(dek, header_bytes, signed_bytes(header))
+        return Opener(dek, header_bytes, signed)
 
     async def public_key(self, signing_key_id: str) -> ec.EllipticCurvePublicKey:
         """The cached public key of an allowlisted signing key (GetPublicKey once)."""

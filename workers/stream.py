@@ -70,7 +70,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 
 from pipeline.config import MIB, Settings
@@ -81,6 +81,7 @@ from pipeline.kms.counting import CountingKms
 from pipeline.retry import backoff_delay
 from workers.runtime import configure_logging, open_kms, run
 from workers.stats import WorkerStats
+from workers.topics import create_with
 
 __all__ = [
     "ERROR_HEADER",
@@ -922,14 +923,11 @@ async def ensure_topics(settings: Settings, source: str, targets: list[str]) -> 
             return
         brokers = len((await admin.describe_cluster())["brokers"])
         replication = max(1, min(_MAX_REPLICATION, brokers))
-        response = await admin.create_topics(
-            [NewTopic(topic, partitions, replication) for topic in missing]
-        )
-        for topic, code, message in response.topic_errors:
-            if code == 0:
-                log.info("created topic %s (%d partitions)", topic, partitions)
-            elif code != 36:  # TOPIC_ALREADY_EXISTS: another worker was first
-                log.warning("could not create topic %s: %s", topic, message or code)
+        created, failed = await create_with(admin, missing, partitions, replication)
+        for topic in created:
+            log.info("created topic %s (%d partitions)", topic, partitions)
+        for failure in failed:
+            log.warning("could not create topic %s", failure)
     except KafkaError as exc:
         log.warning("could not check or create the output topics: %s", exc)
     finally:

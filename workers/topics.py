@@ -22,7 +22,7 @@ from aiokafka.errors import KafkaConnectionError
 
 from pipeline.errors import EnvpipeError
 
-__all__ = ["TopicError", "consumer", "create_topics", "scan"]
+__all__ = ["TopicError", "consumer", "create_topics", "create_with", "scan"]
 
 _TOPIC_ALREADY_EXISTS = 36
 _POLL_MS = 200
@@ -48,16 +48,30 @@ async def create_topics(bootstrap_servers: str, names: Iterable[str], partitions
         await admin.close()
         raise _unreachable(bootstrap_servers, exc) from exc
     try:
-        response = await admin.create_topics([NewTopic(name, partitions, 1) for name in names])
+        _, failed = await create_with(admin, names, partitions)
     finally:
         await admin.close()
-    failed = [
-        f"{topic}: {message or f'error code {code}'}"
-        for topic, code, message in response.topic_errors
-        if code not in (0, _TOPIC_ALREADY_EXISTS)
-    ]
     if failed:
         raise TopicError("cannot create topic(s): " + "; ".join(failed))
+
+
+async def create_with(
+    admin: AIOKafkaAdminClient, names: Iterable[str], partitions: int, replication: int = 1
+) -> tuple[list[str], list[str]]:
+    """Create topics through a started admin client: (created, "topic: why" failures).
+
+    A topic that already exists (another worker was first) is neither.
+    """
+    response = await admin.create_topics(
+        [NewTopic(name, partitions, replication) for name in names]
+    )
+    created, failed = [], []
+    for topic, code, message in response.topic_errors:
+        if code == 0:
+            created.append(topic)
+        elif code != _TOPIC_ALREADY_EXISTS:
+            failed.append(f"{topic}: {message or f'error code {code}'}")
+    return created, failed
 
 
 @asynccontextmanager
