@@ -27,8 +27,17 @@ ENV_PREFIX = "ENVPIPE_"
 CONFIG_FILE_ENV = "ENVPIPE_CONFIG"
 
 
-def _setting(default: Any, doc: str, *, low: float | None = None, high: float | None = None) -> Any:
-    return field(default=default, metadata={"help": doc, "low": low, "high": high})
+def _setting(
+    default: Any,
+    doc: str,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    choices: tuple[str, ...] = (),
+) -> Any:
+    return field(
+        default=default, metadata={"help": doc, "low": low, "high": high, "choices": choices}
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +96,19 @@ class Settings:
         1 * MIB, "producer batch size per partition", low=1024, high=64 * MIB
     )
 
+    kafka_security_protocol: str = _setting(
+        "PLAINTEXT", "Kafka transport: PLAINTEXT or SSL", choices=("PLAINTEXT", "SSL")
+    )
+    kafka_ssl_cafile: str = _setting("", "CA bundle (PEM) that signed the brokers' certificates")
+    kafka_ssl_certfile: str = _setting("", "client certificate (PEM) for mutual TLS; optional")
+    kafka_ssl_keyfile: str = _setting("", "client private key (PEM) for mutual TLS; optional")
+
+    metrics_port: int = _setting(
+        0, "serve Prometheus metrics on this port; 0 turns them off", low=0, high=65535
+    )
+    log_format: str = _setting("text", "log format: text or json", choices=("text", "json"))
+    log_level: str = _setting("INFO", "log level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+
 
 def env_name(name: str) -> str:
     """`dek_max_age_seconds` -> `ENVPIPE_DEK_MAX_AGE_SECONDS`."""
@@ -135,7 +157,20 @@ _FIELD_TYPES: dict[str, type[Any]] = {
 }
 
 
-def _validate(name: str, value: object, low: float | None, high: float | None) -> None:
+def _canonical_choice(value: object, choices: tuple[str, ...]) -> object:
+    """Choices match without regard to case (`ssl`, `SSL`); keep the documented spelling."""
+    if isinstance(value, str):
+        for choice in choices:
+            if choice.lower() == value.lower():
+                return choice
+    return value
+
+
+def _validate(
+    name: str, value: object, low: float | None, high: float | None, choices: tuple[str, ...]
+) -> None:
+    if choices and value not in choices:
+        raise ConfigError(env_name(name), f"got {value!r}; must be one of {', '.join(choices)}")
     if not isinstance(value, int | float) or isinstance(value, bool):
         return
     if (low is not None and value < low) or (high is not None and value > high):
@@ -203,7 +238,10 @@ def load_settings(
             value = _coerce(kind, raw)
         except ValueError as exc:
             raise ConfigError(env_name(name), f"bad value {raw!r} from {source}: {exc}") from exc
-        _validate(name, value, spec.metadata["low"], spec.metadata["high"])
+        value = _canonical_choice(value, spec.metadata["choices"])
+        _validate(
+            name, value, spec.metadata["low"], spec.metadata["high"], spec.metadata["choices"]
+        )
         values[name] = value
     return replace(Settings(), **values)
 
