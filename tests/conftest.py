@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.kit import Workers
 from workers import dev
 
 
@@ -30,3 +31,13 @@ def dev_env(dev_state_dir: Path) -> Iterator[dev.DevEnv]:
 def aws_env(dev_env: dev.DevEnv) -> dict[str, str]:
     """dev.env's variables, to pass as a subprocess's environment (os.environ is left alone)."""
     return dev_env.as_environ()
+
+
+@pytest.fixture
+async def workers(dev_env: dev.DevEnv, tmp_path: Path) -> AsyncIterator[Workers]:
+    """Worker subprocesses against the session's services; any left running are killed."""
+    pool = Workers(dev_env, tmp_path)
+    try:
+        yield pool
+    finally:
+        await pool.close()

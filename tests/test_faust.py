@@ -26,22 +26,8 @@ import pytest
 
 from pipeline.envelope import STREAM_CONTEXT_KEY, VERSION_HEADER, decode_header
 from pipeline.errors import ConfigError
-from tests.test_stream import (
-    IDLE,
-    MARKER,
-    REPO,
-    Proc,
-    Rec,
-    Workers,
-    _committed,
-    _create_topic,
-    _flip,
-    _mixed_records,
-    _name,
-    _produce,
-    _read,
-    assert_dead_letters,
-)
+from tests import kit
+from tests.kit import IDLE, MARKER, REPO, Proc, Rec, Workers
 from workers.dev import DevEnv
 
 if TYPE_CHECKING:
@@ -147,18 +133,18 @@ async def trip(dev_env: DevEnv, launch: Launcher) -> Trip:
 
     bootstrap = dev_env.bootstrap_servers
     topics = FaustTopics(
-        source=_name("faust-plain"),
-        encrypted=_name("faust-enc"),
-        clear=_name("faust-clear"),
-        dlq=_name("faust-dlq"),
-        app_id=_name("faust-app"),
+        source=kit.name("faust-plain"),
+        encrypted=kit.name("faust-enc"),
+        clear=kit.name("faust-clear"),
+        dlq=kit.name("faust-dlq"),
+        app_id=kit.name("faust-app"),
     )
     for topic in (topics.source, topics.encrypted, topics.clear, topics.dlq):
-        await _create_topic(bootstrap, topic)
+        await kit.create_topic(bootstrap, topic)
     plain = topics.source
     faust = await launch.start(topics)
-    await _produce(bootstrap, plain, _mixed_records(RECORDS))
-    source = await _read(bootstrap, plain)
+    await kit.produce(bootstrap, plain, kit.mixed_records(RECORDS))
+    source = await kit.read(bootstrap, plain)
     assert len(source) == RECORDS
     await _until(faust, _wait_records(bootstrap, topics.clear, RECORDS, within=60))
     return Trip(faust, source)
@@ -167,7 +153,7 @@ async def trip(dev_env: DevEnv, launch: Launcher) -> Trip:
 async def _wait_records(bootstrap: str, topic: str, at_least: int, within: float) -> None:
     """Poll by fetching: Tansu's ListOffsets undercounts topics written in multi-record batches."""
     deadline = asyncio.get_running_loop().time() + within
-    while (count := len(await _read(bootstrap, topic))) < at_least:
+    while (count := len(await kit.read(bootstrap, topic))) < at_least:
         if asyncio.get_running_loop().time() > deadline:
             pytest.fail(f"{topic} holds {count} records after {within}s, expected {at_least}")
         await asyncio.sleep(0.5)
@@ -189,8 +175,8 @@ async def _until(faust: FaustWorker, waiting: Any) -> None:
 
 async def test_faust_round_trip_returns_every_record(dev_env: DevEnv, trip: Trip) -> None:
     bootstrap, topics = dev_env.bootstrap_servers, trip.faust.topics
-    sealed = await _read(bootstrap, topics.encrypted)
-    opened = await _read(bootstrap, topics.clear)
+    sealed = await kit.read(bootstrap, topics.encrypted)
+    opened = await kit.read(bootstrap, topics.clear)
 
     assert len(sealed) == len(trip.source)
     assert not [r for r in sealed if r.value is not None and MARKER in r.value]
@@ -202,7 +188,7 @@ async def test_faust_round_trip_returns_every_record(dev_env: DevEnv, trip: Trip
     assert dict(header.encryption_context) == {STREAM_CONTEXT_KEY: topics.source}
     # Key, value, headers (repeats and order kept) and timestamp, as a multiset.
     assert Counter(map(Rec.of, opened)) == Counter(map(Rec.of, trip.source))
-    assert await _read(bootstrap, topics.dlq) == []
+    assert await kit.read(bootstrap, topics.dlq) == []
     where = {r.key: r.partition for r in trip.source if r.key is not None}
     assert all(where[r.key] == r.partition for r in (*sealed, *opened) if r.key is not None)
 
@@ -211,13 +197,13 @@ async def test_envpipe_decrypt_opens_what_faust_sealed(
     dev_env: DevEnv, trip: Trip, launch: Launcher
 ) -> None:
     bootstrap, enc = dev_env.bootstrap_servers, trip.faust.topics.encrypted
-    dec, dlq = _name("faust-dec"), _name("faust-dec-dlq")
+    dec, dlq = kit.name("faust-dec"), kit.name("faust-dec-dlq")
     decrypt = await launch.pool.decrypt(
-        enc, dec, dlq, _name("g"), "--stop-when-idle", IDLE, name="dec"
+        enc, dec, dlq, kit.name("g"), "--stop-when-idle", IDLE, name="dec"
     )
     assert await decrypt.wait(60) == 0, decrypt.tail()
 
-    assert Counter(map(Rec.of, await _read(bootstrap, dec))) == Counter(map(Rec.of, trip.source))
+    assert Counter(map(Rec.of, await kit.read(bootstrap, dec))) == Counter(map(Rec.of, trip.source))
     assert decrypt.stats()["dlq"] == 0
 
 
@@ -227,41 +213,44 @@ async def test_faust_opens_what_envpipe_encrypt_sealed_and_dead_letters_tamperin
     from workers.faust_app import FaustTopics
 
     bootstrap = dev_env.bootstrap_servers
-    plain, enc = _name("faust-in"), _name("faust-in-enc")
+    plain, enc = kit.name("faust-in"), kit.name("faust-in-enc")
     for topic in (plain, enc):
-        await _create_topic(bootstrap, topic)
+        await kit.create_topic(bootstrap, topic)
     topics = FaustTopics(
-        encrypted=enc, clear=_name("faust-in-clear"), dlq=_name("faust-in-dlq"), app_id=_name("f")
+        encrypted=enc,
+        clear=kit.name("faust-in-clear"),
+        dlq=kit.name("faust-in-dlq"),
+        app_id=kit.name("f"),
     )
     faust = await launch.start(topics)  # decrypt agent only; it makes its output topics
-    originals = _mixed_records(300)
-    await _produce(bootstrap, plain, originals)
+    originals = kit.mixed_records(300)
+    await kit.produce(bootstrap, plain, originals)
     encrypt = await launch.pool.encrypt(
-        plain, enc, _name("g"), "--stop-when-idle", IDLE, name="enc"
+        plain, enc, kit.name("g"), "--stop-when-idle", IDLE, name="enc"
     )
     assert await encrypt.wait(60) == 0, encrypt.tail()
-    sample = next(r for r in await _read(bootstrap, enc) if r.value and r.key)
+    sample = next(r for r in await kit.read(bootstrap, enc) if r.value and r.key)
     value, headers = sample.value, (*sample.headers, ("n", b"bad"))
     bad = [  # (expected reason, record)
-        ("bad_tag", Rec(b"bad-ciphertext", _flip(value, len(value) - 1), headers)),
+        ("bad_tag", Rec(b"bad-ciphertext", kit.flip(value, len(value) - 1), headers)),
         ("bad_tag", Rec(b"bad-other-key", value, headers)),  # the AAD binds the record key
         ("malformed", Rec(b"bad-plaintext", b'{"card": "4111 1111 1111 1111"}', (("n", b"p"),))),
     ]
-    metadata = await _produce(bootstrap, enc, [rec for _, rec in bad])
+    metadata = await kit.produce(bootstrap, enc, [rec for _, rec in bad])
 
     good = len(originals)
     await _until(faust, _wait_records(bootstrap, topics.clear, good, within=60))
     await _until(faust, _wait_records(bootstrap, topics.dlq, len(bad), within=30))
     assert await faust.stop() == 0, faust.proc.tail()
 
-    source = await _read(bootstrap, plain)
-    opened = await _read(bootstrap, topics.clear)
+    source = await kit.read(bootstrap, plain)
+    opened = await kit.read(bootstrap, topics.clear)
     assert Counter(map(Rec.of, opened)) == Counter(map(Rec.of, source))
     # The app made its missing output topics like its input: three partitions, keys kept.
-    where = {r.key: r.partition for r in await _read(bootstrap, enc) if r.key is not None}
+    where = {r.key: r.partition for r in await kit.read(bootstrap, enc) if r.key is not None}
     assert all(where[r.key] == r.partition for r in opened if r.key is not None)
     assert {r.partition for r in opened} == {0, 1, 2}
-    assert_dead_letters(await _read(bootstrap, topics.dlq), bad, metadata, enc)
+    kit.assert_dead_letters(await kit.read(bootstrap, topics.dlq), bad, metadata, enc)
 
 
 async def test_sigterm_exits_zero_with_everything_committed(dev_env: DevEnv, trip: Trip) -> None:
@@ -269,10 +258,12 @@ async def test_sigterm_exits_zero_with_everything_committed(dev_env: DevEnv, tri
     assert await trip.faust.stop() == 0, trip.faust.proc.tail()
 
     expected = Counter(r.partition for r in trip.source)
-    committed = await _committed(dev_env.bootstrap_servers, topics.app_id, topics.source)
+    committed = await kit.committed(dev_env.bootstrap_servers, topics.app_id, topics.source)
     assert committed == [expected[p] for p in range(3)]
-    sealed = Counter(r.partition for r in await _read(dev_env.bootstrap_servers, topics.encrypted))
-    committed = await _committed(dev_env.bootstrap_servers, topics.app_id, topics.encrypted)
+    sealed = Counter(
+        r.partition for r in await kit.read(dev_env.bootstrap_servers, topics.encrypted)
+    )
+    committed = await kit.committed(dev_env.bootstrap_servers, topics.app_id, topics.encrypted)
     assert committed == [sealed[p] for p in range(3)]
     # One worker, one KMS client and cache for both agents: one DEK for every record.
     calls = re.search(r"KMS calls by operation: (.*)", trip.faust.proc.tail())
@@ -287,15 +278,15 @@ async def test_idle_stop_exits_zero_and_writes_the_stats_file(
 
     bootstrap = dev_env.bootstrap_servers
     topics = FaustTopics(
-        source=_name("faust-idle-plain"),
-        encrypted=_name("faust-idle-enc"),
-        app_id=_name("faust-idle"),
+        source=kit.name("faust-idle-plain"),
+        encrypted=kit.name("faust-idle-enc"),
+        app_id=kit.name("faust-idle"),
         stop_when_idle=1.0,
     )
     for topic in (topics.source, topics.encrypted):
-        await _create_topic(bootstrap, topic)
-    records = _mixed_records(200)
-    await _produce(bootstrap, topics.source, records)
+        await kit.create_topic(bootstrap, topic)
+    records = kit.mixed_records(200)
+    await kit.produce(bootstrap, topics.source, records)
     stats_file = tmp_module / f"{topics.app_id}.json"
     faust = await launch.start(topics, stats_file=stats_file)
 
@@ -310,7 +301,7 @@ async def test_idle_stop_exits_zero_and_writes_the_stats_file(
     assert stats["cache"]
     assert stats["envelope_overhead_bytes"] > 0
     assert len(stats["assigned_partitions"]) == 3
-    committed = await _committed(bootstrap, topics.app_id, topics.source)
+    committed = await kit.committed(bootstrap, topics.app_id, topics.source)
     assert sum(committed) == len(records)
 
 

@@ -1,0 +1,358 @@
+"""What the end-to-end tests share: records, topics, and worker subprocesses.
+
+Workers run as subprocesses (`python -m workers.cli ...`) configured only through the
+environment, as an operator would run them; their stats files (ENVPIPE_STATS_FILE) and logs
+land in the test's tmp_path. Records carry unique keys, so "nothing lost" is a set comparison
+and duplicates can be counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+import sys
+from collections import Counter
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from uuid import uuid4
+
+import pytest
+from aiobotocore.config import AioConfig
+from aiobotocore.session import get_session
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from pipeline.crypto import Decryptor, Encryptor
+from pipeline.kms import AwsKms
+from workers.dev import DevEnv
+from workers.stream import ERROR_HEADER, SOURCE_HEADER, STATS_FILE_ENV
+from workers.topics import scan
+
+REPO = Path(__file__).resolve().parent.parent
+MARKER = b"PLAINTEXT-MARKER-7f3a9c"
+IDLE = "3"  # --stop-when-idle for workers that should finish by themselves
+
+Headers = tuple[tuple[str, bytes], ...]
+
+
+@dataclass(frozen=True)
+class Rec:
+    """A record as the tests compare them: everything that must survive the round trip."""
+
+    key: bytes | None
+    value: bytes | None
+    headers: Headers = ()
+    timestamp: int | None = None
+
+    @classmethod
+    def of(cls, record: Any) -> Rec:
+        return cls(record.key, record.value, tuple(record.headers), record.timestamp)
+
+
+# --- Kafka helpers ---------------------------------------------------------------------------
+
+
+def name(prefix: str) -> str:
+    return f"{prefix}-{uuid4().hex[:8]}"
+
+
+async def create_topic(bootstrap: str, topic: str, partitions: int = 3) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, partitions, 1)])
+    finally:
+        await admin.close()
+
+
+async def produce(bootstrap: str, topic: str, records: Iterable[Rec]) -> list[Any]:
+    """Produce in order with the default partitioner; returns each record's metadata."""
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, acks="all", linger_ms=5, max_batch_size=1 << 20
+    )
+    await producer.start()
+    try:
+        futures = []
+        for rec in records:
+            if rec.key is None and rec.value is None:  # send() refuses these
+                batch = producer.create_batch()
+                batch.append(key=None, value=None, timestamp=rec.timestamp, headers=[*rec.headers])
+                partition = random.choice(sorted(await producer.partitions_for(topic)))
+                futures.append(await producer.send_batch(batch, topic, partition=partition))
+            else:
+                futures.append(
+                    await producer.send(
+                        topic,
+                        rec.value,
+                        key=rec.key,
+                        headers=[*rec.headers],
+                        timestamp_ms=rec.timestamp,
+                    )
+                )
+        return list(await asyncio.gather(*futures))
+    finally:
+        await producer.stop()
+
+
+class Tail:
+    """Reads a topic from the beginning as it grows, to watch a worker's progress.
+
+    Counting what was read, not `end_offsets()`: the embedded broker answers
+    ListOffsets(latest) with the base offset of the last batch + 1 (see workers/topics.py).
+    """
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        self._bootstrap = bootstrap
+        self._topic = topic
+        self.records: list[Any] = []
+
+    async def __aenter__(self) -> Tail:
+        # A starting consumer reads the metadata of all topics, which never auto-creates
+        # this one; a worker that is still starting may not have created it yet.
+        while True:
+            consumer = AIOKafkaConsumer(bootstrap_servers=self._bootstrap)
+            await consumer.start()
+            if partitions := consumer.partitions_for_topic(self._topic):
+                break
+            await asyncio.sleep(0.1)  # stopping a consumer at once trips over its own task
+            await consumer.stop()
+        self._consumer = consumer
+        assigned = [TopicPartition(self._topic, p) for p in partitions]
+        consumer.assign(assigned)
+        await consumer.seek_to_beginning(*assigned)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._consumer.stop()
+
+    async def poll(self, seconds: float = 0.05) -> int:
+        """Read what has arrived (waiting up to `seconds`); the number of records so far."""
+        for part in (await self._consumer.getmany(timeout_ms=int(seconds * 1000))).values():
+            self.records.extend(part)
+        return len(self.records)
+
+    async def wait_for(self, at_least: int, within: float) -> int:
+        """Poll until `at_least` records have arrived; returns the count seen."""
+        deadline = asyncio.get_running_loop().time() + within
+        while (count := await self.poll()) < at_least:
+            if asyncio.get_running_loop().time() > deadline:
+                pytest.fail(f"{self._topic}: {count} records after {within}s, not {at_least}")
+        return count
+
+    async def settled(self, quiet: float = 2.0) -> int:
+        """The record count once nothing new has arrived for `quiet` seconds."""
+        count = -1
+        while (now := await self.poll(quiet)) != count:
+            count = now
+        return count
+
+
+async def read(bootstrap: str, topic: str) -> list[Any]:
+    """Every record of `topic` that is there now (up to each partition's high watermark)."""
+    return [r async for batch in scan(bootstrap, topic, client_id="test") for r in batch]
+
+
+async def count(bootstrap: str, topic: str) -> int:
+    return len(await read(bootstrap, topic))
+
+
+async def committed(bootstrap: str, group: str, topic: str, partitions: int = 3) -> list[int]:
+    """The group's committed offset per partition (0 where nothing was committed)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group)
+    await consumer.start()
+    try:
+        return [
+            (await consumer.committed(TopicPartition(topic, p))) or 0 for p in range(partitions)
+        ]
+    finally:
+        await consumer.stop()
+
+
+def keyed(n: int, size: int, prefix: str = "k") -> list[Rec]:
+    """`n` records with unique keys and a marked, random value."""
+    rng = random.Random(n)
+    return [
+        Rec(f"{prefix}{i:07d}".encode(), MARKER + rng.randbytes(size - len(MARKER)))
+        for i in range(n)
+    ]
+
+
+def duplicates(records: Sequence[Any]) -> int:
+    return sum(n - 1 for n in Counter(record.key for record in records).values())
+
+
+# --- worker processes ------------------------------------------------------------------------
+
+
+@dataclass
+class Proc:
+    """One worker subprocess, with its log and stats file."""
+
+    name: str
+    process: asyncio.subprocess.Process
+    log: Path
+    stats_file: Path
+
+    async def wait(self, within: float = 60) -> int:
+        try:
+            return await asyncio.wait_for(self.process.wait(), within)
+        except TimeoutError:
+            pytest.fail(f"worker {self.name} still running after {within}s:\n{self.tail()}")
+
+    def stats(self) -> dict[str, Any]:
+        result: dict[str, Any] = json.loads(self.stats_file.read_text())
+        return result
+
+    def tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+
+class Workers:
+    """Starts workers against the session's broker and KMS; kills any left at teardown."""
+
+    def __init__(self, env: DevEnv, tmp_path: Path) -> None:
+        self._env = env
+        self._tmp = tmp_path
+        self._procs: list[Proc] = []
+
+    def environ(self, **overrides: str) -> dict[str, str]:
+        """dev.env's variables and nothing of the developer's AWS setup."""
+        return {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": str(self._tmp),
+            "PYTHONPATH": str(REPO),
+            "AWS_CONFIG_FILE": os.devnull,
+            "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+            "AWS_EC2_METADATA_DISABLED": "true",
+            **self._env.as_environ(),
+            **overrides,
+        }
+
+    async def start(self, command: str, *args: str, name: str, **overrides: str) -> Proc:
+        log = self._tmp / f"{name}.log"
+        stats_file = self._tmp / f"{name}.json"
+        env = self.environ(**{STATS_FILE_ENV: str(stats_file), **overrides})
+        with log.open("wb") as out:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "workers.cli",
+                command,
+                *args,
+                cwd=REPO,
+                env=env,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+            )
+        proc = Proc(name, process, log, stats_file)
+        self._procs.append(proc)
+        return proc
+
+    async def encrypt(
+        self, source: str, dest: str, group: str, *extra: str, name: str, **env: str
+    ) -> Proc:
+        args = ["--source", source, "--dest", dest, "--group", group, *extra]
+        return await self.start("encrypt", *args, name=name, **env)
+
+    async def decrypt(
+        self, source: str, dest: str, dlq: str, group: str, *extra: str, name: str, **env: str
+    ) -> Proc:
+        args = ["--source", source, "--dest", dest, "--dlq", dlq, "--group", group, *extra]
+        return await self.start("decrypt", *args, name=name, **env)
+
+    async def close(self) -> None:
+        for proc in self._procs:
+            if proc.process.returncode is None:
+                proc.process.kill()
+                await proc.process.wait()
+
+
+@contextlib.asynccontextmanager
+async def moto(
+    env: DevEnv, endpoint: str | None = None, attempts: int = 3
+) -> AsyncIterator[tuple[AwsKms, Any]]:
+    """An AwsKms on the session's moto (or `endpoint`), plus the raw client (to create keys)."""
+    stack = AsyncExitStack()
+    client = await stack.enter_async_context(
+        get_session().create_client(
+            "kms",
+            region_name=env.region,
+            endpoint_url=endpoint or env.kms_endpoint,
+            aws_access_key_id=env.access_key_id,
+            aws_secret_access_key=env.secret_access_key,
+            config=AioConfig(retries={"total_max_attempts": attempts, "mode": "standard"}),
+        )
+    )
+    kms = AwsKms(client, stack)
+    try:
+        yield kms, client
+    finally:
+        await kms.close()
+
+
+def decryptor(kms: AwsKms, env: DevEnv) -> Decryptor:
+    return Decryptor(
+        kms, allowed_kms_keys=[env.kms_key_arn], allowed_signing_keys=[env.signing_key_arn]
+    )
+
+
+def encryptor(kms: AwsKms, env: DevEnv, stream: str, kms_key_id: str | None = None) -> Encryptor:
+    return Encryptor(
+        kms,
+        kms_key_id=kms_key_id or env.kms_key_arn,
+        signing_key_id=env.signing_key_arn,
+        stream=stream,
+    )
+
+
+# --- shared record sets and checks ---------------------------------------------------------
+
+
+def mixed_records(n: int) -> list[Rec]:
+    """Unique keys, null keys, tombstones (also keyless), empty values, repeated headers."""
+    rng = random.Random(1)
+    records = []
+    for i in range(n):
+        key = None if i % 7 == 3 else f"key-{i:05d}".encode()
+        if i % 11 == 5 and key is not None:
+            value = None
+        elif i % 97 == 0:
+            value = b""
+        else:
+            value = MARKER + rng.randbytes(i * 37 % 1500)
+        headers: Headers = (
+            (("trace-id", str(i).encode()), ("dup", b"a"), ("dup", b"b"), ("empty", b"")),
+            (),
+            (("tenant", b"acme"),),
+        )[i % 3]
+        records.append(Rec(key, value, headers))
+    for i in (100, n // 2, n - 1):
+        records[i] = Rec(None, None, (("keyless-tombstone", str(i).encode()),))
+    return records
+
+
+def flip(value: bytes, index: int) -> bytes:
+    return value[:index] + bytes([value[index] ^ 0x01]) + value[index + 1 :]
+
+
+def assert_dead_letters(
+    letters: Sequence[Any], bad: Sequence[tuple[str, Any]], metadata: Sequence[Any], topic: str
+) -> None:
+    """Each bad record is in the DLQ once: original bytes and headers, reason and source."""
+    assert len(letters) == len(bad)
+    dead = {r.key: r for r in letters}
+    for (reason, rec), meta in zip(bad, metadata, strict=True):
+        letter = dead[rec.key]
+        assert letter.value == rec.value  # the original bytes
+        assert tuple(letter.headers) == (
+            *rec.headers,
+            (ERROR_HEADER, reason.encode()),
+            (SOURCE_HEADER, f"{topic}/{meta.partition}/{meta.offset}".encode()),
+        ), rec.key
