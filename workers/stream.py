@@ -339,7 +339,7 @@ def run_transform(
 
 
 def _run_job(settings: Settings, transform: Transform, job: _Job) -> int:
-    configure_logging()
+    configure_logging(settings.log_level, settings.log_format)
     stats_file = os.environ.get(STATS_FILE_ENV) or None
     return run(_Worker(settings, transform, job).run(Path(stats_file) if stats_file else None))
 
