@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from pipeline.errors import ConfigError
 
@@ -210,6 +211,15 @@ def load_settings(
     `flags` maps field names to values; None means "flag not given". The TOML file is
     `config_file`, else `$ENVPIPE_CONFIG` if set.
     """
+    return load_settings_explained(flags, environ, config_file)[0]
+
+
+def load_settings_explained(
+    flags: Mapping[str, object | None] | None = None,
+    environ: Mapping[str, str] | None = None,
+    config_file: Path | None = None,
+) -> tuple[Settings, dict[str, str]]:
+    """`load_settings`, plus where each value came from (a flag, a variable, the file)."""
     flags = {k: v for k, v in (flags or {}).items() if v is not None}
     environ = os.environ if environ is None else environ
     if config_file is None and environ.get(CONFIG_FILE_ENV):
@@ -223,6 +233,7 @@ def load_settings(
         raise ConfigError(unknown[0], f"unknown setting in {where}; known: {known_list}")
 
     values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
     for spec in fields(Settings):
         name = spec.name
         if name in flags:
@@ -243,7 +254,8 @@ def load_settings(
             name, value, spec.metadata["low"], spec.metadata["high"], spec.metadata["choices"]
         )
         values[name] = value
-    return replace(Settings(), **values)
+        sources[name] = source
+    return replace(Settings(), **values), sources
 
 
 def describe_settings() -> list[tuple[str, str, str]]:
@@ -264,3 +276,34 @@ def require(settings: Settings, name: str, purpose: str) -> str:
             env_name(name), f"must be set to {purpose} (flag --{name.replace('_', '-')})"
         )
     return str(value)
+
+
+#: The standard AWS chain's variables that carry a secret; `config show` names, never prints.
+AWS_CREDENTIAL_VARIABLES = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_PROFILE",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+)
+
+
+def describe_aws_credentials(environ: Mapping[str, str]) -> str:
+    """Where the AWS chain will look first, naming the variables that are set, not values."""
+    present = [name for name in AWS_CREDENTIAL_VARIABLES if environ.get(name)]
+    if not present:
+        return "standard AWS chain (config files, SSO, container or instance role)"
+    return f"standard AWS chain; set: {', '.join(present)} (values redacted)"
+
+
+def redact_url(text: str) -> str:
+    """Drop a password from a URL's user info (`https://user:pw@host` -> `user:***@host`)."""
+    if "@" not in text or "://" not in text:
+        return text
+    parts = urlsplit(text)
+    if parts.password is None:
+        return text
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))

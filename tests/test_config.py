@@ -107,3 +107,45 @@ def test_cli_config_show_uses_flags_and_env() -> None:
     assert result.exit_code == 0, result.output
     assert "batch_max_records            77" in result.output
     assert "dek_max_records              123" in result.output
+
+
+def test_cli_config_show_says_where_values_came_from_and_redacts_credentials(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "envpipe.toml"
+    config.write_text('linger_ms = 9\nkms_endpoint = "https://operator:hunter2@kms.internal"\n')
+    result = CliRunner().invoke(
+        main,
+        ["config", "show", "--config", str(config), "--batch-max-records", "77"],
+        env={
+            "ENVPIPE_DEK_MAX_RECORDS": "123",
+            "AWS_ACCESS_KEY_ID": "AKIAEXAMPLEKEYID0001",
+            "AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMI-secret-example",
+            "AWS_SESSION_TOKEN": "session-token-example",
+        },
+    )
+    assert result.exit_code == 0, result.output
+    rows = {line.split()[0]: line for line in result.output.splitlines()}
+    assert rows["batch_max_records"].endswith("--batch-max-records")
+    assert rows["dek_max_records"].endswith("ENVPIPE_DEK_MAX_RECORDS")
+    assert rows["linger_ms"].endswith(f"linger_ms in {config}")
+    assert rows["dek_max_age_seconds"].endswith("default")
+    assert "operator:***@kms.internal" in rows["kms_endpoint"]
+    assert "AWS_SECRET_ACCESS_KEY" in rows["aws_credentials"]
+    for secret in ("hunter2", "AKIAEXAMPLEKEYID0001", "wJalrXUtnFEMI", "session-token-example"):
+        assert secret not in result.output
+
+
+def test_choices_match_without_case_and_name_the_allowed_values() -> None:
+    settings = load_settings(
+        environ={"ENVPIPE_LOG_FORMAT": "JSON", "ENVPIPE_KAFKA_SECURITY_PROTOCOL": "ssl"}
+    )
+    assert (settings.log_format, settings.kafka_security_protocol) == ("json", "SSL")
+    with pytest.raises(ConfigError, match=r"ENVPIPE_LOG_FORMAT.*'yaml'.*text, json"):
+        load_settings(environ={"ENVPIPE_LOG_FORMAT": "yaml"})
+
+
+def test_decrypt_refuses_to_start_without_a_dead_letter_topic() -> None:
+    result = CliRunner().invoke(main, ["decrypt", "--source", "a", "--dest", "b", "--group", "g"])
+    assert result.exit_code == 2
+    assert "Missing option '--dlq'" in result.output

@@ -7,6 +7,7 @@ Every setting in `pipeline.config.Settings` is also a flag on the commands that 
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import fields
@@ -15,7 +16,13 @@ from typing import Any, TypeVar
 
 import click
 
-from pipeline.config import Settings, describe_settings, load_settings
+from pipeline.config import (
+    Settings,
+    describe_aws_credentials,
+    describe_settings,
+    load_settings_explained,
+    redact_url,
+)
 from pipeline.errors import EnvpipeError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -44,9 +51,14 @@ def settings_options(command: F) -> F:
 
 def build_settings(options: dict[str, Any]) -> Settings:
     """Pop the setting flags out of a command's options and load validated Settings."""
+    return build_settings_explained(options)[0]
+
+
+def build_settings_explained(options: dict[str, Any]) -> tuple[Settings, dict[str, str]]:
+    """`build_settings`, plus where each value came from."""
     names = {spec.name for spec in fields(Settings)}
     flags = {name: options.pop(name) for name in list(options) if name in names}
-    return load_settings(flags, config_file=options.pop("config_file", None))
+    return load_settings_explained(flags, config_file=options.pop("config_file", None))
 
 
 class _Group(click.Group):
@@ -124,7 +136,8 @@ def worker_options(
                 click.option(
                     "--group", required=True, help="Consumer group id (share it to scale out)."
                 ),
-                click.option("--dlq", required=dlq_required, default=None, help=dlq_help),
+                # No `default=None` here: with it, click 8.3 treats a required flag as given.
+                click.option("--dlq", required=dlq_required, help=dlq_help),
                 _STOP_WHEN_IDLE,
             )
         ):
@@ -220,12 +233,17 @@ def config() -> None:
 @config.command("show")
 @settings_options
 def config_show(**options: Any) -> None:
-    """Print the effective settings (flags > environment > TOML > defaults)."""
-    settings = build_settings(options)
+    """Print the effective settings and where each came from (flag, environment, TOML).
+
+    AWS credentials are not settings: they come only from the standard AWS chain, and only
+    the names of the credential variables that are set are shown, never their values.
+    """
+    settings, sources = build_settings_explained(options)
     for spec in fields(Settings):
         value = getattr(settings, spec.name)
-        shown = ",".join(value) if isinstance(value, tuple) else value
-        click.echo(f"{spec.name:<28} {shown}")
+        shown = ",".join(value) if isinstance(value, tuple) else redact_url(str(value))
+        click.echo(f"{spec.name:<28} {shown:<40} {sources.get(spec.name, 'default')}")
+    click.echo(f"{'aws_credentials':<28} {describe_aws_credentials(os.environ)}")
 
 
 if __name__ == "__main__":
