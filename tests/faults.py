@@ -3,7 +3,7 @@
 KMS speaks JSON 1.1 over HTTP POST, with the operation in the `X-Amz-Target` header. The proxy
 reads each request whole and answers it according to its current mode:
 
-    pass      forward to the upstream KMS and relay the answer
+    pass      forward to the upstream KMS and relay the answer, after `delay_seconds`
     refuse    stop listening and drop open connections (connection refused)
     stall     hold the request, unanswered, until the mode changes; then handle it anew
     throttle  HTTP 400 {"__type": "ThrottlingException"}, as AWS does under load
@@ -11,7 +11,9 @@ reads each request whole and answers it according to its current mode:
 
 Being HTTP-aware matters: a plain TCP proxy could not fail requests on a pooled keep-alive
 connection, which is exactly what a client does between calls. `requests` counts what each
-mode answered, per operation, so a test can prove the fault was really hit.
+mode answered, per operation, so a test can prove the fault was really hit. An `observer`, if
+set, sees every exchange forwarded in pass mode: (operation, request body, response body), so
+a test can tell which request a call carried or take key material from the KMS side.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import asyncio
 import contextlib
 import json
 from collections import Counter
+from collections.abc import Callable
 from typing import Literal
 from urllib.parse import urlsplit
 
@@ -42,7 +45,11 @@ class KmsFaultProxy:
             raise ValueError(f"upstream {upstream!r} needs a host and a port")
         self._upstream = (parts.hostname, parts.port)
         self.mode: Mode = "pass"
+        #: pass mode holds every request this long first: a slow (e.g. far-away) KMS
+        self.delay_seconds = 0.0
         self.requests: Counter[tuple[str, str]] = Counter()
+        #: called with (operation, request body, response body) for each forwarded exchange
+        self.observer: Callable[[str, bytes, bytes], None] | None = None
         self._changed = asyncio.Event()
         self._server: asyncio.Server | None = None
         self._port = 0
@@ -126,7 +133,12 @@ class KmsFaultProxy:
         if mode == "refuse":
             return None
         if mode == "pass":
-            return await self._forward(head + body)
+            if self.delay_seconds > 0:
+                await asyncio.sleep(self.delay_seconds)
+            response = await self._forward(head + body)
+            if response is not None and self.observer is not None:
+                self.observer(operation, body, response.partition(b"\r\n\r\n")[2])
+            return response
         status, reason, error_type = _ERRORS[mode]
         payload = json.dumps({"__type": error_type, "message": f"fault proxy: {mode}"}).encode()
         return (

@@ -15,9 +15,9 @@ import os
 import random
 import sys
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 from uuid import uuid4
@@ -29,8 +29,10 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from pipeline.crypto import Decryptor, Encryptor
+from pipeline.envelope import decode_envelope, encode_header, encode_record, signed_bytes
 from pipeline.kms import AwsKms
 from workers.dev import DevEnv
+from workers.kafka_access import KafkaAccess
 from workers.stream import ERROR_HEADER, SOURCE_HEADER, STATS_FILE_ENV
 from workers.topics import scan
 
@@ -71,10 +73,13 @@ async def create_topic(bootstrap: str, topic: str, partitions: int = 3) -> None:
         await admin.close()
 
 
-async def produce(bootstrap: str, topic: str, records: Iterable[Rec]) -> list[Any]:
-    """Produce in order with the default partitioner; returns each record's metadata."""
+async def produce(bootstrap: str | KafkaAccess, topic: str, records: Iterable[Rec]) -> list[Any]:
+    """Produce in order with the default partitioner; returns each record's metadata.
+
+    `bootstrap` is a plaintext "host:port", or a KafkaAccess (TLS, say).
+    """
     producer = AIOKafkaProducer(
-        bootstrap_servers=bootstrap, acks="all", linger_ms=5, max_batch_size=1 << 20
+        **KafkaAccess.of(bootstrap).client_kwargs(), acks="all", linger_ms=5, max_batch_size=1 << 20
     )
     await producer.start()
     try:
@@ -153,7 +158,7 @@ class Tail:
         return count
 
 
-async def read(bootstrap: str, topic: str) -> list[Any]:
+async def read(bootstrap: str | KafkaAccess, topic: str) -> list[Any]:
     """Every record of `topic` that is there now (up to each partition's high watermark)."""
     return [r async for batch in scan(bootstrap, topic, client_id="test") for r in batch]
 
@@ -356,3 +361,53 @@ def assert_dead_letters(
             (ERROR_HEADER, reason.encode()),
             (SOURCE_HEADER, f"{topic}/{meta.partition}/{meta.offset}".encode()),
         ), rec.key
+
+
+# --- streams, logs and forged envelopes ------------------------------------------------------
+
+
+async def produce_steadily(
+    bootstrap: str,
+    topic: str,
+    records: Sequence[Rec],
+    *,
+    chunk: int = 1_000,
+    pause: float = 0.2,
+    until: asyncio.Event | None = None,
+) -> None:
+    """Produce `records` in chunks with a pause between them: a live stream, not a backlog.
+
+    Once `until` is set, the rest goes out without pauses.
+    """
+    for start in range(0, len(records), chunk):
+        await produce(bootstrap, topic, records[start : start + chunk])
+        if until is None or not until.is_set():
+            await asyncio.sleep(pause)
+
+
+async def logged(proc: Proc, text: str, within: float = 60) -> None:
+    """Wait until the worker's log contains `text` (fails with the log's tail if it never does)."""
+    deadline = asyncio.get_running_loop().time() + within
+    while text not in proc.log.read_text(errors="replace"):
+        if asyncio.get_running_loop().time() > deadline:
+            pytest.fail(f"{proc.name}: no {text!r} within {within}s:\n{proc.tail()}")
+        await asyncio.sleep(0.1)
+
+
+async def forge(
+    sealed: bytes,
+    *,
+    sign: Callable[[bytes], Awaitable[bytes]] | None = None,
+    **changes: Any,
+) -> bytes:
+    """The envelope `sealed` with header fields changed (`dek_id=...`, `signature=...`).
+
+    With `sign`, the new header is signed over its bytes S (as a writer holding that signing
+    key would); without it, the signature is whatever `changes` leave it. Nonce and
+    ciphertext are kept.
+    """
+    envelope = decode_envelope(sealed)
+    header = replace(envelope.header, **changes)
+    if sign is not None:
+        header = replace(header, signature=await sign(signed_bytes(header)))
+    return encode_record(encode_header(header), envelope.nonce, envelope.ciphertext)

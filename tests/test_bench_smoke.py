@@ -126,3 +126,33 @@ def test_writes_the_human_table(smoke_results: tuple[dict[str, Any], Path]) -> N
     for impl in CRYPTO_IMPLS | PIPELINE_IMPLS:
         assert impl in table
     json.loads((out / "details.json").read_text(encoding="utf-8"), parse_constant=_refuse_constant)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_sweep_writes_every_configuration_and_a_recommendation(tmp_path: Path) -> None:
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "workers.cli",
+            "bench",
+            "--sweep",
+            "--smoke",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=110,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "best for this machine" in completed.stdout
+    sweep = json.loads((tmp_path / "sweep.json").read_text(), parse_constant=_refuse_constant)
+    grid = {(row["batch_max_records"], row["processes"]) for row in sweep["configurations"]}
+    assert grid == {(50, 1), (200, 1)}
+    for row in sweep["configurations"]:
+        for name in ("records_per_s", "latency_p50_ms", "latency_p99_ms", "cpu_us_per_record"):
+            _check_number(row[name], f"sweep {row['batch_max_records']}.{name}")
+    assert sweep["best"] in sweep["configurations"]

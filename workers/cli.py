@@ -208,20 +208,30 @@ def demo(records: int, state_dir: Path | None) -> None:
 @click.option("--quick", is_flag=True, help="About two minutes instead of about fifteen.")
 @click.option("--smoke", is_flag=True, help="Tiny counts for the test suite; figures mean nothing.")
 @click.option(
+    "--sweep",
+    is_flag=True,
+    help="Instead: run the encrypt worker over a grid of batch size x processes and print "
+    "the best setting for this machine (sweep.json; about 4 minutes, --quick about 2).",
+)
+@click.option(
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
     default=Path("bench-results"),
     show_default=True,
     help="Directory for results.json, results.md, details.json and the PNG plots.",
 )
-def bench(quick: bool, smoke: bool, out: Path) -> None:
+def bench(quick: bool, smoke: bool, sweep: bool, out: Path) -> None:
     """Side-by-side benchmarks on the embedded broker and KMS (needs envpipe[bench])."""
     try:
         from benchmarks import run as benchmark
+        from benchmarks import sweep as grid
     except ImportError as exc:
         raise click.ClickException(
             f"the benchmarks run from a source checkout (benchmarks/ is not in the wheel): {exc}"
         ) from exc
+    mode = "smoke" if smoke else "quick" if quick else "full"
+    if sweep:
+        sys.exit(grid.main(out=out, mode=mode))
     sys.exit(benchmark.main(out=out, quick=quick, smoke=smoke))
 
 

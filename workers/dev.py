@@ -153,18 +153,25 @@ def up(
     broker_port: int | None = None,
     kms_port: int | None = None,
     ready_timeout: float = 30.0,
+    advertised_port: int | None = None,
 ) -> DevEnv:
     """Start the broker and KMS emulator, create the dev keys, write dev.env; return when ready.
 
     Ports left as None (or 0) are chosen free. Raises ServiceError if the services recorded in
     `state_dir` are still running, if a port is taken, if a binary is missing, or if a service
     does not answer within `ready_timeout` seconds. On any failure nothing is left running.
+
+    With `advertised_port` the broker tells clients to reach it on that loopback port instead:
+    a proxy the caller runs in front of it (to slow it down, say). `bootstrap_servers` stays
+    the broker's own port, which is enough to bootstrap; all later traffic goes to the proxy.
     """
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     with _locked(state_dir):
         _clear_stale(state_dir)
         ports = _choose_ports({"broker": broker_port, "kms": kms_port})
         commands = {"broker": _broker_command(ports["broker"]), "kms": _kms_command(ports["kms"])}
+        if advertised_port is not None:
+            commands["broker"] = _broker_command(ports["broker"], advertised_port)
         kms_endpoint = f"http://{_HOST}:{ports['kms']}"
         procs: dict[str, _Proc] = {}
         try:
@@ -174,7 +181,7 @@ def up(
                 _write_state(state_dir, _State(tuple(procs.values()), None))
             kms = _kms_client(kms_endpoint)
             probes: dict[str, Callable[[], object]] = {
-                "broker": lambda: _probe_kafka(ports["broker"]),
+                "broker": lambda: _probe_kafka(ports["broker"], advertised_port),
                 "kms": lambda: kms.list_keys(Limit=1),
             }
             _wait_ready(procs, probes, ready_timeout)
@@ -243,10 +250,18 @@ def load(state_dir: Path) -> DevEnv:
 # --- starting ----------------------------------------------------------------------------
 
 
-def _broker_command(port: int) -> list[str]:
-    """The Tansu command line, listening and advertising on the same loopback address."""
+def _broker_command(port: int, advertised_port: int | None = None) -> list[str]:
+    """The Tansu command line, advertising the loopback address it listens on (or another)."""
     url = f"tcp://{_HOST}:{port}"
-    return [_broker_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url]
+    advertised = f"tcp://{_HOST}:{advertised_port or port}"
+    return [
+        _broker_binary(),
+        "broker",
+        "--listener-url",
+        url,
+        "--advertised-listener-url",
+        advertised,
+    ]
 
 
 def _broker_binary() -> str:
@@ -376,8 +391,8 @@ def _log_tail(log: str) -> str:
     return f"last lines of {log}:\n" + "\n".join(f"    {line}" for line in lines)
 
 
-def _probe_kafka(port: int) -> None:
-    """An ApiVersions and a Metadata round trip; the broker must advertise our address.
+def _probe_kafka(port: int, advertised_port: int | None = None) -> None:
+    """An ApiVersions and a Metadata round trip; the broker must advertise the right address.
 
     Plain sockets rather than aiokafka keep `up` synchronous and the probe cheap.
     """
@@ -387,8 +402,9 @@ def _probe_kafka(port: int) -> None:
             raise _NotReady(f"ApiVersions returned error code {error_code}")
         # Metadata v0 with an empty topic list: the brokers, then all topics.
         metadata = _kafka_call(sock, api_key=3, body=struct.pack(">i", 0))
-    if (_HOST, port) not in _metadata_brokers(metadata):
-        raise _NotReady(f"the broker does not advertise {_HOST}:{port}")
+    advertised = advertised_port or port
+    if (_HOST, advertised) not in _metadata_brokers(metadata):
+        raise _NotReady(f"the broker does not advertise {_HOST}:{advertised}")
 
 
 def _kafka_call(sock: socket.socket, *, api_key: int, body: bytes) -> bytes:

@@ -46,6 +46,7 @@ from mode.types.signals import BaseSignalT
 from pipeline.config import MIB, Settings, load_settings
 from pipeline.errors import ConfigError
 from workers.faust_helpers import AgentCrypto
+from workers.kafka_access import KafkaAccess
 from workers.stream import STATS_FILE_ENV, ensure_topics
 
 __all__ = ["FaustTopics", "create_app"]  # and `app`, made on first access
@@ -134,6 +135,7 @@ class _EnvpipeApp(faust.App):
     BootStrategy = _WithoutWeb
 
     envpipe_settings: Settings
+    envpipe_kafka: KafkaAccess
     envpipe_outputs: list[tuple[str, list[str]]]
     envpipe_crypto: AgentCrypto
     envpipe_stats_file: Path | None
@@ -144,7 +146,7 @@ class _EnvpipeApp(faust.App):
     async def on_first_start(self) -> None:
         await super().on_first_start()
         for source, targets in self.envpipe_outputs:
-            await ensure_topics(self.envpipe_settings, source, targets)
+            await ensure_topics(self.envpipe_kafka, source, targets)
 
     async def on_shutdown(self) -> None:
         await super().on_shutdown()
@@ -165,9 +167,11 @@ class _EnvpipeApp(faust.App):
 
 def create_app(settings: Settings, topics: FaustTopics) -> faust.App:
     """The Faust app for these settings and topics, with one agent per direction named."""
+    kafka = KafkaAccess.from_settings(settings)
     app: _EnvpipeApp = _EnvpipeApp(
         topics.app_id,
         broker=[f"kafka://{server.strip()}" for server in settings.bootstrap_servers.split(",")],
+        broker_credentials=kafka.ssl_context,  # None: plaintext
         key_serializer="raw",
         value_serializer="raw",
         processing_guarantee="at_least_once",
@@ -186,6 +190,7 @@ def create_app(settings: Settings, topics: FaustTopics) -> faust.App:
         producer_max_request_size=max(MIB, settings.producer_max_batch_bytes),
     )
     app.envpipe_settings = settings
+    app.envpipe_kafka = kafka
     app.envpipe_outputs = []
     direction = "+".join(
         name for name, on in (("encrypt", topics.source), ("decrypt", topics.clear)) if on

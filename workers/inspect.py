@@ -26,6 +26,7 @@ from pipeline.errors import DecryptionError, EnvpipeError
 from pipeline.kms.counting import CountingKms
 from pipeline.types import Kms
 from workers import runtime, topics
+from workers.kafka_access import KafkaAccess
 
 __all__ = ["TOMBSTONE", "VERIFIED", "Finding", "examine", "inspect_topic", "run"]
 
@@ -85,10 +86,9 @@ async def inspect_topic(
 ) -> Counter[str]:
     """Report up to `limit` records of `topic` through `emit`; returns the verdict counts."""
     verdicts: Counter[str] = Counter()
+    kafka = KafkaAccess.from_settings(settings)
     decryptor = await Decryptor.from_settings(kms, settings)
-    records = topics.scan(
-        settings.bootstrap_servers, topic, client_id="envpipe-inspect", limit=limit
-    )
+    records = topics.scan(kafka, topic, client_id="envpipe-inspect", limit=limit)
     async with contextlib.aclosing(records):  # stops the consumer even if `emit` fails
         async for batch in records:
             for record in batch:

@@ -59,7 +59,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import random
 import signal
 import time
 from collections import Counter, deque
@@ -71,14 +70,18 @@ from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.errors import KafkaError, MessageSizeTooLargeError
+from aiokafka.errors import KafkaError
 
 from pipeline.config import MIB, Settings
 from pipeline.crypto import Decryptor, Encryptor
 from pipeline.envelope import VERSION_HEADER
-from pipeline.errors import ConfigError, DecryptionError, EnvpipeError
+from pipeline.errors import DecryptionError, EnvpipeError
+from pipeline.histogram import Histogram
 from pipeline.kms.counting import CountingKms
 from pipeline.retry import backoff_delay
+from workers.kafka_access import KafkaAccess
+from workers.metrics import MetricsServer, Snapshot
+from workers.outbox import Outbox, RecordTooLarge
 from workers.runtime import configure_logging, open_kms, run
 from workers.stats import WorkerStats
 from workers.topics import create_with
@@ -159,6 +162,11 @@ class Transform:
         return Counter()
 
     @property
+    def kms(self) -> CountingKms | None:
+        """The counting KMS client once started; None for transforms without one."""
+        return None
+
+    @property
     def cache_stats(self) -> Counter[str]:
         """DEK cache events so far."""
         return Counter()
@@ -182,6 +190,10 @@ class _KmsTransform(Transform):
     @property
     def kms_calls(self) -> Counter[str]:
         return self._kms.calls if self._kms is not None else Counter()
+
+    @property
+    def kms(self) -> CountingKms | None:
+        return self._kms
 
     async def close(self) -> None:
         if self._kms is not None:
@@ -397,6 +409,7 @@ class _Worker:
 
     def __init__(self, settings: Settings, transform: Transform, job: _Job) -> None:
         self._settings = settings
+        self._kafka = KafkaAccess.from_settings(settings)  # checks the TLS settings first
         self._transform = transform
         self._job = job
         self.stats = WorkerStats(transform.direction)
@@ -411,6 +424,12 @@ class _Worker:
         self._inflight_bytes = 0
         self._pause_reasons: set[str] = set()
         self._last_activity = time.monotonic()
+        self._max_request_size = max(MIB, settings.producer_max_batch_bytes)
+        #: per-record processing time (a batch's time over its records), in seconds
+        self._record_seconds = Histogram(min_value=1e-7, max_value=3600)
+        #: per partition, the offset lag is measured from: the last commit, else first fetch
+        self._lag_base: dict[TopicPartition, int] = {}
+        self._metrics: MetricsServer | None = None
 
     # -- lifecycle --
 
@@ -421,6 +440,9 @@ class _Worker:
             loop.add_signal_handler(sig, self._request_stop, sig.name)
         tasks: list[asyncio.Task[None]] = []
         try:
+            if self._settings.metrics_port:
+                self._metrics = MetricsServer(self.metrics_snapshot)
+                await self._metrics.start(self._settings.metrics_port)
             try:
                 await self._retry(self._transform.start, "starting")
             except _Abandon:
@@ -428,10 +450,7 @@ class _Worker:
             try:
                 await self._start_kafka()
             except KafkaError as exc:
-                raise ConfigError(
-                    "ENVPIPE_BOOTSTRAP_SERVERS",
-                    f"cannot reach Kafka at {self._settings.bootstrap_servers}: {exc}",
-                ) from exc
+                raise await self._kafka.connection_error(exc) from exc
             tasks = [
                 asyncio.create_task(self._commit_loop(), name="envpipe-committer"),
                 asyncio.create_task(self._report_progress(), name="envpipe-progress"),
@@ -447,6 +466,8 @@ class _Worker:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await self._close()
+            if self._metrics is not None:
+                await self._metrics.close()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
             log.info("%s", self.stats.summary_line())
@@ -463,18 +484,18 @@ class _Worker:
     async def _start_kafka(self) -> None:
         settings, job = self._settings, self._job
         self._producer = AIOKafkaProducer(
-            bootstrap_servers=settings.bootstrap_servers,
+            **self._kafka.client_kwargs(),
             client_id=f"envpipe-{self.stats.direction}",
             acks="all",
             enable_idempotence=False,
             linger_ms=settings.linger_ms,
             max_batch_size=settings.producer_max_batch_bytes,
-            max_request_size=max(MIB, settings.producer_max_batch_bytes),
+            max_request_size=self._max_request_size,
         )
         await self._producer.start()
-        await ensure_topics(settings, job.source, [job.dest, *([job.dlq] if job.dlq else [])])
+        await ensure_topics(self._kafka, job.source, [job.dest, *([job.dlq] if job.dlq else [])])
         self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=settings.bootstrap_servers,
+            **self._kafka.client_kwargs(),
             client_id=f"envpipe-{self.stats.direction}",
             group_id=job.group,
             enable_auto_commit=False,
@@ -522,6 +543,7 @@ class _Worker:
             if self._stop.is_set():  # asked to stop while fetching: leave these for later
                 return
             batch = self._open_batch(fetched)
+            started = time.perf_counter()
             try:
                 outcomes = await self._retry(partial(self._values, batch), "transforming a batch")
                 await self._produce(batch, outcomes)
@@ -541,6 +563,9 @@ class _Worker:
                 self._request_stop("unexpected error", exit_code=1)
                 return
             batch.produced.set_result(True)
+            if batch.records:
+                per_record = (time.perf_counter() - started) / len(batch.records)
+                self._record_seconds.add_repeated(per_record, len(batch.records))
             if (
                 self._inflight_records > settings.max_inflight_records
                 or self._inflight_bytes > settings.max_inflight_bytes
@@ -568,6 +593,7 @@ class _Worker:
         by_partition = self.stats.records_in_by_partition
         for tp, part in fetched.items():
             by_partition[f"{tp.topic}/{tp.partition}"] += len(part)
+            self._lag_base.setdefault(tp, part[0].offset)
         self._last_activity = time.monotonic()
         return batch
 
@@ -577,56 +603,38 @@ class _Worker:
 
     async def _produce(self, batch: _Batch, outcomes: Sequence[bytes | DeadLetter]) -> None:
         """Hand every output to the producer. This loop runs once per record: keep it lean."""
-        send = self._producer.send
+        outbox = Outbox(self._producer, self._max_request_size)
+        add = outbox.add
         dest = self._job.dest
         headers_of = self._transform.headers
-        futures = batch.futures
         results = iter(outcomes)
         in_bytes = out_bytes = tombstones = 0
         for record in batch.records:
             value = record.value
-            out: bytes | DeadLetter | None = None
+            out: bytes | None = None
             if value is None:
                 tombstones += 1
-                if record.key is None:
-                    futures.append(await self._send_empty(record, headers_of(record.headers)))
-                    continue
             else:
-                out = next(results)
-                if isinstance(out, DeadLetter):
-                    await self._dead_letter(batch, record, out)
+                outcome = next(results)
+                if isinstance(outcome, DeadLetter):
+                    await self._dead_letter(batch, outbox, record, outcome)
                     continue
+                out = outcome
+            try:
+                await add(dest, record.key, out, record.timestamp, headers_of(record.headers))
+            except RecordTooLarge:
+                await self._dead_letter(batch, outbox, record, DeadLetter("too_large"))
+                continue
+            if value is not None and out is not None:
                 in_bytes += len(value)
                 out_bytes += len(out)
-            try:
-                future = await send(
-                    dest,
-                    out,
-                    key=record.key,
-                    timestamp_ms=record.timestamp,
-                    headers=headers_of(record.headers),
-                )
-            except MessageSizeTooLargeError:
-                await self._dead_letter(batch, record, DeadLetter("too_large"))
-                continue
-            futures.append(future)
+        batch.futures = await outbox.flush()
         batch.in_bytes, batch.out_bytes, batch.tombstones = in_bytes, out_bytes, tombstones
-        batch.out = len(futures) - batch.dlq
+        batch.out = len(batch.records) - batch.dlq
 
-    async def _send_empty(
-        self, record: Any, headers: list[tuple[str, bytes]]
-    ) -> asyncio.Future[Any]:
-        """A record with neither key nor value, which `send()` refuses: as a one-record batch."""
-        builder = self._producer.create_batch()
-        builder.append(key=None, value=None, timestamp=record.timestamp, headers=headers)
-        partitions = sorted(await self._producer.partitions_for(self._job.dest))
-        partition = random.choice(partitions)  # noqa: S311 - the default partitioner's choice
-        future: asyncio.Future[Any] = await self._producer.send_batch(
-            builder, self._job.dest, partition=partition
-        )
-        return future
-
-    async def _dead_letter(self, batch: _Batch, record: Any, verdict: DeadLetter) -> None:
+    async def _dead_letter(
+        self, batch: _Batch, outbox: Outbox, record: Any, verdict: DeadLetter
+    ) -> None:
         """Send the original record to the DLQ, or stop if there is none."""
         where = f"{record.topic}/{record.partition}/{record.offset}"
         if self._job.dlq is None:
@@ -643,15 +651,7 @@ class _Worker:
             (ERROR_HEADER, verdict.reason.encode()),
             (SOURCE_HEADER, where.encode()),
         ]
-        batch.futures.append(
-            await self._producer.send(
-                self._job.dlq,
-                record.value,
-                key=record.key,
-                timestamp_ms=record.timestamp,
-                headers=headers,
-            )
-        )
+        await outbox.add(self._job.dlq, record.key, record.value, record.timestamp, headers)
         batch.dlq += 1
         batch.reasons[verdict.reason] += 1
 
@@ -810,6 +810,8 @@ class _Worker:
             await self._consumer.commit(offsets)
         except KafkaError as exc:
             log.warning("commit failed (%s); those records will be processed again", exc)
+            return
+        self._lag_base.update(offsets)
 
     def _finish(self, batches: list[_Batch]) -> None:
         """Batches the committer is done with (a prefix of the pending ones, in order)."""
@@ -857,6 +859,8 @@ class _Worker:
             if late:
                 log.warning("%d batches in flight at revocation; not committing them", len(late))
         self._generation += 1
+        for tp in revoked:
+            self._lag_base.pop(tp, None)
         log.info("partitions revoked: %s", ", ".join(_names(revoked)))
 
     def on_assigned(self, assigned: set[TopicPartition]) -> None:
@@ -867,7 +871,31 @@ class _Worker:
             self._consumer.pause(*assigned)
         log.info("partitions assigned: %s", ", ".join(_names(assigned)) or "none")
 
-    # -- progress --
+    # -- progress and metrics --
+
+    def metrics_snapshot(self) -> Snapshot:
+        """The worker's state for a metrics scrape (runs on the event loop, never per record)."""
+        stats, kms, consumer = self.stats, self._transform.kms, self._consumer
+        lag: dict[tuple[str, int], int] = {}
+        if consumer is not None:
+            for tp, base in self._lag_base.items():
+                highwater = consumer.highwater(tp)
+                if highwater is not None:
+                    lag[(tp.topic, tp.partition)] = max(0, highwater - base)
+        return Snapshot(
+            direction=stats.direction,
+            records_ok=stats.records_out,
+            records_dlq=stats.dlq,
+            record_seconds=self._record_seconds,
+            end_to_end_ms=stats.latency_ms,
+            kms_calls=dict(kms.calls) if kms else {},
+            kms_failures=dict(kms.failures) if kms else {},
+            kms_latency=dict(kms.latency) if kms else {},
+            cache_events=dict(self._transform.cache_stats),
+            inflight_bytes=self._inflight_bytes,
+            paused_partitions=len(consumer.paused()) if consumer is not None else 0,
+            lag=lag,
+        )
 
     async def _report_progress(self) -> None:
         last_in, last_time = self.stats.records_in, time.monotonic()
@@ -905,9 +933,9 @@ def _names(partitions: Iterable[TopicPartition]) -> list[str]:
     return sorted(f"{tp.topic}/{tp.partition}" for tp in partitions)
 
 
-async def ensure_topics(settings: Settings, source: str, targets: list[str]) -> None:
+async def ensure_topics(kafka: KafkaAccess, source: str, targets: list[str]) -> None:
     """Create missing output topics like the source (same partition count); best effort."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
+    admin = AIOKafkaAdminClient(**kafka.client_kwargs())
     try:
         await admin.start()
         # Every topic at once: asking for the source by name could auto-create it.

@@ -2,6 +2,8 @@
 
 `inspect` and `demo` read whole topics without joining a group or committing anything, and
 the demo creates its topics; both share these helpers so the edge cases live in one place.
+Each helper takes a `KafkaAccess` (bootstrap servers and TLS, from the settings) or a bare
+"host:port" string, which means plaintext: the embedded broker and the tests use those.
 
 Where a topic ends is taken from the high watermark of fetch responses, not from
 `end_offsets()`: the embedded Tansu broker answers ListOffsets(latest) with the base offset
@@ -21,6 +23,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError
 
 from pipeline.errors import EnvpipeError
+from workers.kafka_access import KafkaAccess
 
 __all__ = ["TopicError", "consumer", "create_topics", "create_with", "scan"]
 
@@ -29,24 +32,18 @@ _POLL_MS = 200
 
 
 class TopicError(EnvpipeError):
-    """A topic cannot be read or created: missing, or the broker is unreachable."""
+    """A topic cannot be read or created (an unreachable broker is a ConfigError)."""
 
 
-def _unreachable(bootstrap_servers: str, exc: BaseException) -> TopicError:
-    return TopicError(
-        f"cannot reach the Kafka broker at {bootstrap_servers} "
-        f"(set ENVPIPE_BOOTSTRAP_SERVERS or --bootstrap-servers): {exc}"
-    )
-
-
-async def create_topics(bootstrap_servers: str, names: Iterable[str], partitions: int) -> None:
+async def create_topics(brokers: KafkaAccess | str, names: Iterable[str], partitions: int) -> None:
     """Create the topics (replication factor 1); a topic that already exists is fine."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers, client_id="envpipe-admin")
+    access = KafkaAccess.of(brokers)
+    admin = AIOKafkaAdminClient(**access.client_kwargs(), client_id="envpipe-admin")
     try:
         await admin.start()
     except KafkaConnectionError as exc:
         await admin.close()
-        raise _unreachable(bootstrap_servers, exc) from exc
+        raise await access.connection_error(exc) from exc
     try:
         _, failed = await create_with(admin, names, partitions)
     finally:
@@ -75,19 +72,17 @@ async def create_with(
 
 
 @asynccontextmanager
-async def consumer(bootstrap_servers: str, *, client_id: str) -> AsyncIterator[Any]:
+async def consumer(brokers: KafkaAccess | str, *, client_id: str) -> AsyncIterator[Any]:
     """A started consumer with no group and no commits, stopped on exit."""
+    access = KafkaAccess.of(brokers)
     kafka = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap_servers,
-        client_id=client_id,
-        group_id=None,
-        enable_auto_commit=False,
+        **access.client_kwargs(), client_id=client_id, group_id=None, enable_auto_commit=False
     )
     try:
         await kafka.start()
     except KafkaConnectionError as exc:
         await kafka.stop()
-        raise _unreachable(bootstrap_servers, exc) from exc
+        raise await access.connection_error(exc) from exc
     try:
         yield kafka
     finally:
@@ -107,7 +102,7 @@ async def _partitions(kafka: Any, topic: str) -> list[TopicPartition]:
 
 
 async def scan(
-    bootstrap_servers: str,
+    brokers: KafkaAccess | str,
     topic: str,
     *,
     client_id: str,
@@ -122,7 +117,7 @@ async def scan(
     for `stall_seconds` (a partition without a leader, say). A consumer of its own per scan:
     aiokafka narrows its metadata to the assigned topics, so one cannot scan a second topic.
     """
-    async with consumer(bootstrap_servers, client_id=client_id) as kafka:
+    async with consumer(brokers, client_id=client_id) as kafka:
         partitions = await _partitions(kafka, topic)
         kafka.assign(partitions)
         await kafka.seek_to_beginning(*partitions)

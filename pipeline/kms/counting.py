@@ -11,6 +11,7 @@ from collections import Counter, defaultdict
 from collections.abc import Awaitable, Mapping
 from typing import TypeVar
 
+from pipeline.histogram import Histogram
 from pipeline.types import DataKey, Kms
 
 __all__ = ["CountingKms"]
@@ -30,6 +31,10 @@ class CountingKms:
         self.calls: Counter[str] = Counter()
         self.failures: Counter[str] = Counter()
         self.seconds: defaultdict[str, float] = defaultdict(float)
+        #: per operation, the latency of each call in seconds (for the metrics' histogram)
+        self.latency: defaultdict[str, Histogram] = defaultdict(
+            lambda: Histogram(min_value=1e-5, max_value=3600)
+        )
 
     async def generate_data_key(self, key_id: str, context: Mapping[str, str]) -> DataKey:
         return await self._timed("GenerateDataKey", self.inner.generate_data_key(key_id, context))
@@ -58,4 +63,6 @@ class CountingKms:
             self.failures[operation] += 1
             raise
         finally:
-            self.seconds[operation] += time.perf_counter() - start
+            elapsed = time.perf_counter() - start
+            self.seconds[operation] += elapsed
+            self.latency[operation].add(elapsed)
