@@ -83,7 +83,7 @@ class Settings:
     )
 
     batch_max_records: int = _setting(
-        500, "records fetched per consumer batch", low=1, high=100_000
+        2000, "records fetched per consumer batch", low=1, high=100_000
     )
     batch_timeout_ms: int = _setting(100, "longest wait for a batch to fill", low=1, high=60_000)
     max_inflight_records: int = _setting(
