@@ -411,3 +411,27 @@ async def forge(
     if sign is not None:
         header = replace(header, signature=await sign(signed_bytes(header)))
     return encode_record(encode_header(header), envelope.nonce, envelope.ciphertext)
+
+
+def assert_dead_letters_by_source(
+    letters: Sequence[Any], records: Sequence[tuple[str, Rec]], metadata: Sequence[Any], topic: str
+) -> None:
+    """Like `assert_dead_letters`, matched by `envpipe.source` rather than by record key (so
+    keys may repeat or be null). `records` are all that were produced, as (reason, record);
+    a reason of "" marks a good record, which must not be in the DLQ."""
+    expected = {
+        f"{topic}/{meta.partition}/{meta.offset}": (reason, rec)
+        for (reason, rec), meta in zip(records, metadata, strict=True)
+        if reason
+    }
+    assert len(letters) == len(expected)
+    for letter in letters:
+        source = dict(letter.headers)[SOURCE_HEADER].decode()
+        reason, rec = expected.pop(source)
+        assert (letter.key, letter.value) == (rec.key, rec.value), source  # the original bytes
+        assert tuple(letter.headers) == (
+            *rec.headers,
+            (ERROR_HEADER, reason.encode()),
+            (SOURCE_HEADER, source.encode()),
+        ), source
+    assert not expected
