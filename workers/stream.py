@@ -4,10 +4,10 @@ Encrypt and decrypt differ only in their `Transform` (how a batch of values and 
 headers change); everything about Kafka lives once, in `_Worker`:
 
 * A consumer group reads the source with `getmany` (auto-commit off, `earliest`).
-* A whole fetched batch is transformed in one call (`seal_many` / `open_many`), then every
-  output is handed to an `acks=all` producer (no idempotence, no transactions: the embedded
-  broker cannot do either). Key, timestamp and headers pass through; tombstones stay
-  tombstones.
+* A whole fetched batch is transformed in one call (`seal_many` / `open_many`), then its
+  outputs are handed to an `acks=all` producer as one batch per partition
+  (`workers.outbox`; no idempotence, no transactions: the embedded broker cannot do either).
+  Key, timestamp and headers pass through; tombstones stay tombstones.
 * A separate committer task takes batches in fetch order, waits until every output record of
   a batch (dead letters included) is acknowledged, and only then commits `last offset + 1`
   per partition. While it waits, the main loop transforms the next batch (pipelining).
@@ -46,6 +46,9 @@ Dead-letter reason codes: the decrypt side uses `pipeline.errors.Reason` (`malfo
 encrypt side `too_large` (the envelope exceeds the producer's request size) and
 `seal_failed` (an unexpected error sealing that one record). An encrypt DLQ holds the
 *plaintext* of what it could not seal: protect it like the source topic.
+
+Metrics: with `ENVPIPE_METRICS_PORT` a worker serves Prometheus metrics read from the state
+above at scrape time (`workers.metrics`), so they cost nothing per record.
 
 Exit codes: 0 after a clean stop; 1 if the worker had to stop on an error it cannot handle
 (a record that cannot be sealed with no DLQ, a KMS request refused for good, a produce that
