@@ -14,12 +14,17 @@ those values, sealed by the harness with envpipe's `Encryptor`). Every run gets 
   twice the passthrough's rate); `latency_ms` is mostly the queueing behind that burst.
 * *paced*: the same warm-up, then records at half the passthrough's drain rate;
   `paced_latency_ms` is the latency envpipe adds when the system is not saturated.
+* *light*: the same at an eighth of the passthrough's drain rate. On this 2-core machine
+  the broker, the load generator and the worker share the cores, and at half the rate of a
+  fast passthrough they are busy enough that queueing, not the worker's own path, sets the
+  tail; the light runs show the latency added when nothing queues (details.json and
+  results.md only: results.json keeps the shape issue 4 fixes).
 
 The worker stops itself after `--stop-when-idle` and writes its stats file. Latency is each
 worker's own figure: acknowledgement time minus the source record's timestamp (the Faust app
 `workers.faust_app`, run as `python -m faust -A workers.faust_app worker`, measures it the
 same way, through `ENVPIPE_STATS_FILE` and `ENVPIPE_FAUST_STOP_WHEN_IDLE`). All drains run first,
-then all bursts, then all paced runs; within each kind, rounds interleave the
+then all bursts, then all paced runs, then the light ones; within each kind, rounds interleave the
 implementations in rotating order, and the reported figures are medians over rounds.
 """
 
@@ -50,7 +55,8 @@ IMPLS = (
 SLOW_IMPLS = frozenset({"faust_encrypt"})
 _WARMUP_SHIFT_MS = 3_600_000
 _START_TIMEOUT = 90.0
-_PACED_FRACTION = 0.5
+#: paced: half the passthrough's drain rate (issue 4); light: an eighth, where nothing queues
+_PACE_FRACTIONS = {"paced": 0.5, "light": 0.125}
 
 
 @dataclass(frozen=True)
@@ -107,6 +113,7 @@ class PipelineResults:
     runs: list[RunResult]
     paced_rate: float | None
     peak_rss_mib: dict[str, float | None]
+    light_rate: float | None = None
 
 
 class PipelineStage:
@@ -138,28 +145,30 @@ class PipelineStage:
         set it; within each kind the implementations are interleaved, in rotating order.
         """
         runs: list[RunResult] = []
-        rate: float | None = None
+        rates: dict[str, float | None] = {"drain": None, "burst": None}
         self._producer = await open_producer(self._env.bootstrap_servers)
         try:
             if self._plan.warmup_records:
                 await self._run("passthrough", "drain", None, "warm-up", self._plan.warmup_records)
-            for kind in ("drain", "burst", "paced"):
-                if kind == "paced":
-                    rate = _paced_rate(runs)
+            for kind in ("drain", "burst", "paced", "light"):
+                if kind in _PACE_FRACTIONS:
+                    rates[kind] = rate = _pace(runs, _PACE_FRACTIONS[kind])
                     if rate is None:
                         break
-                    self._progress(f"pipeline: paced runs at {rate:,.0f} records/s")
+                    self._progress(f"pipeline: {kind} runs at {rate:,.0f} records/s")
                 for round_index in range(self._plan.rounds):
                     shift = round_index % len(self._impls)
                     order = self._impls[shift:] + self._impls[:shift]
-                    runs.extend(await self._batch(order, kind, rate, round_index))
+                    runs.extend(await self._batch(order, kind, rates[kind], round_index))
         finally:
             await self._producer.stop()
+        paced = rates.get("paced")
         return PipelineResults(
-            results={impl: _summarize(impl, runs, rate) for impl in self._impls},
+            results={impl: _summarize(impl, runs, paced) for impl in self._impls},
             runs=runs,
-            paced_rate=rate,
+            paced_rate=paced,
             peak_rss_mib={impl: _peak(impl, runs) for impl in self._impls},
+            light_rate=rates.get("light"),
         )
 
     async def _batch(
@@ -172,9 +181,12 @@ class PipelineStage:
 
     def _count(self, impl: str, kind: str) -> int:
         plan = self._plan
-        if impl in SLOW_IMPLS:
-            return plan.slow_paced_records if kind == "paced" else plan.slow_records
-        return plan.paced_records if kind == "paced" else plan.records
+        slow = impl in SLOW_IMPLS
+        if kind == "paced":
+            return plan.slow_paced_records if slow else plan.paced_records
+        if kind == "light":  # a quarter of the paced count: the same seconds at 1/4 the rate
+            return max(1, (plan.slow_paced_records if slow else plan.paced_records) // 4)
+        return plan.slow_records if slow else plan.records
 
     async def _run(
         self, impl: str, kind: str, rate: float | None, label: str, count: int | None = None
@@ -308,18 +320,32 @@ def _progress_line(result: RunResult, label: str) -> str:
     return f"{head} {result.records:>7,} records: {figure} ({result.seconds:.1f}s)"
 
 
-def _paced_rate(runs: list[RunResult]) -> float | None:
-    """Half the passthrough's median drain rate; None if it never drained."""
+def _pace(runs: list[RunResult], fraction: float) -> float | None:
+    """A fraction of the passthrough's median drain rate; None if it never drained."""
     rates = [
         run.records_per_s
         for run in runs
         if run.impl == "passthrough" and run.kind == "drain" and run.records_per_s
     ]
-    return median(rates) * _PACED_FRACTION if rates else None
+    return median(rates) * fraction if rates else None
+
+
+def light_latency(runs: list[dict[str, Any]], impl: str) -> dict[str, float] | None:
+    """Median light-load latency of `impl` over its rounds, from details.json's runs."""
+    return _median_percentiles(
+        [
+            run["latency_ms"]
+            for run in runs
+            if run["impl"] == impl and run["kind"] == "light" and run.get("latency_ms")
+        ]
+    )
 
 
 def _median_latency(runs: list[RunResult]) -> dict[str, float] | None:
-    values = [run.latency_ms for run in runs if run.latency_ms is not None]
+    return _median_percentiles([run.latency_ms for run in runs if run.latency_ms is not None])
+
+
+def _median_percentiles(values: list[dict[str, float]]) -> dict[str, float] | None:
     if not values:
         return None
     return {name: round(median([v[name] for v in values]), 2) for name in ("p50", "p99", "p999")}

@@ -22,7 +22,7 @@ from benchmarks.kms_budget import KmsBudget, measure_kms_budget
 from benchmarks.load import Pair
 from benchmarks.measure import Progress, machine_info
 from benchmarks.pipeline_stage import Inputs, PipelinePlan, PipelineResults, PipelineStage
-from benchmarks.report import targets, write_all
+from benchmarks.report import light_load_rows, targets, write_all
 from benchmarks.services import child_environ, dev_services
 from pipeline.config import Settings, load_settings
 from pipeline.crypto import Encryptor
@@ -113,6 +113,8 @@ def main(*, out: Path, quick: bool = False, smoke: bool = False) -> int:
     for name, measured, met in targets(results, details):
         verdict = {True: "met", False: "MISSED", None: "not measured"}[met]
         progress(f"target {verdict:>12}: {name}: {measured}")
+    for name, measured in light_load_rows(details):
+        progress(f"{'not a target':>19}: {name}: {measured}")
     progress(f"wrote {', '.join(str(path) for path in written)}")
     return 0
 
@@ -195,6 +197,7 @@ def _details(
             "plan": asdict(plan.pipeline),
             "rounds": plan.pipeline.rounds,
             "paced_rate": pipeline.paced_rate,
+            "light_rate": pipeline.light_rate,
             "runs": [asdict(run) for run in pipeline.runs],
         },
     }

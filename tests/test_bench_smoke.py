@@ -123,6 +123,7 @@ def test_writes_the_human_table(smoke_results: tuple[dict[str, Any], Path]) -> N
     _, out = smoke_results
     table = (out / "results.md").read_text(encoding="utf-8")
     assert "## Targets (issue 4)" in table
+    assert "light-load p99 added over passthrough" in table  # context for the paced target
     for impl in CRYPTO_IMPLS | PIPELINE_IMPLS:
         assert impl in table
     json.loads((out / "details.json").read_text(encoding="utf-8"), parse_constant=_refuse_constant)
