@@ -305,7 +305,10 @@ def _notes(results: dict[str, Any], details: dict[str, Any], plots: list[str]) -
         "a warm-up record (timestamped an hour ahead so it can never count as slow) shows the "
         "worker has joined and fetched its keys, then the records come as fast as the harness "
         "can produce them, so this latency is mostly queueing behind the burst. *Paced*: the "
-        "same warm-up, then records at half the passthrough's drain rate. Latency = "
+        "same warm-up, then records at half the passthrough's drain rate. *Light*: the same "
+        "at an eighth of it: at half the rate of a fast passthrough, the broker, the load "
+        "generator and the worker keep this machine's two cores busy, and queueing sets the "
+        "tail; at an eighth nothing queues, so the difference is the worker's own. Latency = "
         "acknowledgement time minus the source record's timestamp, as each worker records it "
         "(the stream workers at commit time). Medians over "
         f"{pipeline.get('rounds', 1)} round(s); every run is in details.json.",

@@ -131,13 +131,20 @@ def test_demo_passes_and_leaves_nothing_running(tmp_path: Path) -> None:
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupted_demo_stops_everything(tmp_path: Path, sig: signal.Signals) -> None:
     state_dir = tmp_path / "state"
-    process = subprocess.Popen(
-        _demo_command(1_000_000, state_dir),
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    # A shell starts background jobs with SIGINT ignored, and an ignored signal stays ignored
+    # across exec: run from `make test &`, the demo could never see Ctrl-C. A Python handler
+    # here becomes the default action in the child, as in a terminal.
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        process = subprocess.Popen(
+            _demo_command(1_000_000, state_dir),
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    finally:
+        signal.signal(signal.SIGINT, inherited)
     assert process.stderr is not None
     seen = []
     for line in process.stderr:  # wait until it is producing, with everything running
