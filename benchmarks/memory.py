@@ -20,14 +20,18 @@ feeder starts, one warm-up record goes through, and the worker's RSS then is its
 figure: everything imported and connected, no records held.
 
 Figures per scenario, over the window after the warm-up: RSS at its start, p50, max, end,
-and the least-squares slope in MiB per minute; records/s written in the window (from the
+and its slope in MiB per minute, both least squares and Theil-Sen (the median of the slopes
+between every pair of samples); records/s written in the window (from the
 output topic's end offsets); the worker's own stats file (pauses by reason, KMS calls).
 `ceiling_mib` is what the bound implies: idle RSS, plus `_COPIES` times the largest
 plaintext the in-flight bound admits (one fetched batch past the bound), plus the
 consumer's prefetch (one fetch per partition, raw and decoded). The verdict is `flat` if
-the slope is at most `_FLAT_SLOPE_MIB_PER_MIN` and max stays under the ceiling; a slope
-from a 20 s (`--quick`) window is noisy. `--out DIR` gets memory.json (every RSS sample
-included) and memory-logs/ (worker, broker and KMS logs, worker stats). This is a program
+the Theil-Sen slope is at most `_FLAT_SLOPE_MIB_PER_MIN` and max stays under the ceiling.
+RSS moves in steps of a few MiB as the allocator takes memory; one such step in a 60 s
+window reads as several MiB/min by least squares but not by Theil-Sen. A slope from a 20 s
+(`--quick`) window is noisy either way. `--out DIR` gets memory.json (with every RSS sample
+as [seconds from the window's start, negative before it; MiB]) and memory-logs/ (worker,
+broker and KMS logs, the worker's stats files). This is a program
 that prints figures; the test suite only checks the shape of its JSON.
 """
 
@@ -50,7 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.load import OutputWatch, Pair, open_producer, produce
-from benchmarks.measure import Progress, machine_info, percentiles
+from benchmarks.measure import Progress, machine_info, median, percentiles
 from benchmarks.services import Child, child_environ
 from pipeline.config import MIB, Settings, env_name, load_settings
 from tests.faults import KmsFaultProxy
@@ -66,6 +70,8 @@ _PARTITIONS = 3
 _SAMPLE_SECONDS = 0.5
 _FEED_SECONDS = 0.2
 _START_TIMEOUT = 60.0
+#: The feeder stops topping up below this much available memory (see `Feeder`).
+_MIN_AVAILABLE_BYTES = 2 << 30
 #: Each in-flight plaintext byte is held about this often: the fetched record with its
 #: object, and the producer's copy of its ~1.4x larger envelope until it is acknowledged.
 _COPIES = 3
@@ -73,13 +79,18 @@ _COPIES = 3
 #: aiokafka asks for at most 1 MiB per partition, but the embedded broker answers with about
 #: 5,500 records of 1 KiB (measured), so this is the embedded broker's figure.
 _PREFETCH_BYTES_PER_PARTITION = 6 * MIB
-#: A 60 s window cannot tell a slope this small from the noise of batches coming and going.
+#: A 60 s window cannot tell a (Theil-Sen) slope this small from noise.
 _FLAT_SLOPE_MIB_PER_MIN = 2.0
 #: The client id of `benchmarks.load.open_producer`: the feeder is never throttled.
 _FEEDER_CLIENT_ID = "envpipe-bench-load"
 _PRODUCE_API_KEY = 0
 _COPY_CHUNK = 64 * 1024
-_SETTINGS_SHOWN = ("max_inflight_bytes", "max_inflight_records", "dek_max_records")
+_SETTINGS_SHOWN = (
+    "max_inflight_bytes",
+    "max_inflight_records",
+    "batch_max_records",
+    "dek_max_records",
+)
 
 
 @dataclass(frozen=True)
@@ -155,7 +166,6 @@ class ProduceThrottle:
         self._pumps: set[asyncio.Future[None]] = set()
         self.upstream: tuple[str, int] | None = None
         self.port = 0
-        self.throttled_bytes = 0
 
     async def start(self) -> ProduceThrottle:
         """Listen on a free loopback port; set `upstream` before any client connects."""
@@ -218,7 +228,6 @@ class ProduceThrottle:
         """Wait until the shared link has carried `nbytes` more (store and forward)."""
         now = asyncio.get_running_loop().time()
         self._link_free_at = max(self._link_free_at, now) + nbytes / self._bytes_per_s
-        self.throttled_bytes += nbytes
         await asyncio.sleep(self._link_free_at - now)
 
 
@@ -246,7 +255,9 @@ class Feeder:
 
     "Read" is estimated from the output topic's end offsets, which lag by up to one producer
     batch per partition on the embedded broker: the backlog is then a little larger, never
-    smaller.
+    smaller. The embedded broker keeps every record in memory (it supports neither retention
+    nor DeleteRecords), so the feeder stops when the machine runs low: `starved` says so,
+    and `lowest_unread` shows whether the worker then ran dry.
     """
 
     def __init__(self, producer: Any, topic: str, watch: OutputWatch, backlog: int) -> None:
@@ -258,6 +269,7 @@ class Feeder:
         self.produced = 0
         #: the fewest records found waiting at a top-up (0: the worker ran dry)
         self.lowest_unread = math.inf
+        self.starved = False
 
     async def warm_up(self) -> None:
         """One record, to see the worker is running before the load starts."""
@@ -269,7 +281,9 @@ class Feeder:
         unread = self.produced - await self._watch.count()
         self.lowest_unread = min(self.lowest_unread, unread)
         missing = self._backlog - unread
-        if missing > 0:
+        if missing > 0 and _available_bytes() < _MIN_AVAILABLE_BYTES:
+            self.starved = True
+        elif missing > 0:
             await produce(self._producer, self._topic, self._pairs, missing, partitions=_PARTITIONS)
             self.produced += missing
 
@@ -278,6 +292,18 @@ class Feeder:
         while True:
             await self.top_up()
             await asyncio.sleep(_FEED_SECONDS)
+
+
+def _available_bytes() -> float:
+    """MemAvailable from /proc/meminfo (infinite where there is none)."""
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return math.inf
 
 
 def _plaintext_pairs() -> list[Pair]:
@@ -326,6 +352,17 @@ class RssSampler:
         await asyncio.gather(self._task, return_exceptions=True)
 
 
+def median_slope_per_minute(samples: Sequence[tuple[float, float]]) -> float:
+    """The Theil-Sen slope of (seconds, MiB) samples, in MiB per minute: robust to steps."""
+    slopes = [
+        (m2 - m1) / (t2 - t1)
+        for index, (t1, m1) in enumerate(samples)
+        for t2, m2 in samples[index + 1 :]
+        if t2 > t1
+    ]
+    return 60 * median(slopes) if slopes else 0.0
+
+
 def slope_per_minute(samples: Sequence[tuple[float, float]]) -> float:
     """The least-squares slope of (seconds, MiB) samples, in MiB per minute."""
     count = len(samples)
@@ -339,9 +376,14 @@ def slope_per_minute(samples: Sequence[tuple[float, float]]) -> float:
     return 60 * sum((t - mean_t) * (m - mean_m) for t, m in samples) / spread
 
 
+def admitted_bytes(settings: Settings) -> int:
+    """The most plaintext the in-flight bound lets the worker read before it pauses."""
+    return min(settings.max_inflight_bytes, settings.max_inflight_records * _VALUE_SIZE)
+
+
 def ceiling_mib(idle_mib: float, settings: Settings) -> float:
     """The RSS the in-flight bound implies (see the module docstring)."""
-    admitted = min(settings.max_inflight_bytes, settings.max_inflight_records * _VALUE_SIZE)
+    admitted = admitted_bytes(settings)
     overshoot = settings.batch_max_records * _VALUE_SIZE  # one batch is read past the bound
     prefetch = 2 * _PARTITIONS * _PREFETCH_BYTES_PER_PARTITION
     return idle_mib + (_COPIES * (admitted + overshoot) + prefetch) / MIB
@@ -463,6 +505,9 @@ class _ScenarioRun:
         measured.window_records = await watch.count() - written_before
         measured.window_seconds = sampler.elapsed - measured.window_start
         measured.lowest_unread = int(min(feeder.lowest_unread, plan.backlog_records))
+        if feeder.starved:
+            left = f"{_MIN_AVAILABLE_BYTES / (1 << 30):g} GiB"
+            self.progress(f"{name}: the feeder stopped: under {left} of memory left on the machine")
         measured.broker_mib = rss_mib(env.broker_pid) or math.nan
         await sampler.stop()
         measured.samples = list(sampler.samples)
@@ -518,13 +563,17 @@ def summarize(measured: Measured) -> dict[str, Any]:
     values = [mib for _, mib in window]
     if not (math.isfinite(measured.idle_mib) and math.isfinite(measured.broker_mib)):
         raise RuntimeError(f"{scenario.name}: the worker or the broker was gone when sampled")
-    slope = slope_per_minute(window)
+    slope = median_slope_per_minute(window)
     ceiling = ceiling_mib(measured.idle_mib, settings)
     failures = [
         *(["GROWING"] if slope > _FLAT_SLOPE_MIB_PER_MIN else []),
         *(["ABOVE CEILING"] if max(values) > ceiling else []),
     ]
     verdict = ", ".join(failures) or "flat"
+    # Fewer records waiting than the bound admits: the worker was not held at its bound.
+    saturated = measured.lowest_unread * _VALUE_SIZE >= admitted_bytes(settings)
+    if not saturated:
+        verdict += " (worker not saturated)"
     pauses = measured.stats.get("pauses", {})
     return {
         "what": scenario.what,
@@ -539,11 +588,13 @@ def summarize(measured: Measured) -> dict[str, Any]:
             "end": round(values[-1], 1),
             "peak_vmhwm": measured.peak_rss_mib,
         },
-        "slope_mib_per_min": round(slope, 2),
+        "slope_mib_per_min": round(slope_per_minute(window), 2),
+        "median_slope_mib_per_min": round(slope, 2),
         "ceiling_mib": round(ceiling, 1),
         "records_per_s": round(measured.window_records / measured.window_seconds, 1),
         "window_seconds": round(measured.window_seconds, 1),
         "lowest_backlog_records": measured.lowest_unread,
+        "saturated": saturated,
         "broker_rss_mib": round(measured.broker_mib, 1),
         "worker": {
             "exit_code": measured.exit_code,
@@ -566,12 +617,12 @@ def table(results: Mapping[str, Mapping[str, Any]]) -> str:
     """The result table, one row per scenario, as Markdown."""
     head = (
         "| scenario | bound (records / MiB) | idle | start | p50 | max | ceiling "
-        "| slope MiB/min | records/s | pauses (bp/kms) | verdict |"
+        "| slope MiB/min (LS / TS) | records/s | min waiting | pauses (bp/kms) | verdict |"
     )
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
     for name, entry in results.items():
         if "error" in entry:
-            lines.append(f"| {name} | {entry['error']} |" + " |" * 9)
+            lines.append(f"| {name} | {entry['error']} |" + " |" * 10)
             continue
         rss, worker, settings = entry["rss_mib"], entry["worker"], entry["settings"]
         bound = (
@@ -581,8 +632,10 @@ def table(results: Mapping[str, Mapping[str, Any]]) -> str:
         pauses = worker["pauses"]
         lines.append(
             f"| {name} | {bound} | {rss['idle']:.1f} | {rss['start']:.1f} | {rss['p50']:.1f} "
-            f"| {rss['max']:.1f} | {entry['ceiling_mib']:.1f} | {entry['slope_mib_per_min']:+.2f} "
-            f"| {entry['records_per_s']:,.0f} | {pauses['backpressure']}/{pauses['kms']} "
+            f"| {rss['max']:.1f} | {entry['ceiling_mib']:.1f} "
+            f"| {entry['slope_mib_per_min']:+.2f} / {entry['median_slope_mib_per_min']:+.2f} "
+            f"| {entry['records_per_s']:,.0f} | {entry['lowest_backlog_records']:,} "
+            f"| {pauses['backpressure']}/{pauses['kms']} "
             f"| {entry['verdict']} |"
         )
     return "\n".join(lines)
@@ -610,8 +663,9 @@ async def _run_all(
         rss = entry["rss_mib"]
         progress(
             f"{scenario.name}: {entry['verdict']}: RSS {rss['start']:.1f} -> max {rss['max']:.1f}"
-            f" MiB (ceiling {entry['ceiling_mib']:.1f}), slope "
-            f"{entry['slope_mib_per_min']:+.2f} MiB/min, {entry['records_per_s']:,.0f} records/s"
+            f" MiB (ceiling {entry['ceiling_mib']:.1f}), slope {entry['slope_mib_per_min']:+.2f} "
+            f"(Theil-Sen {entry['median_slope_mib_per_min']:+.2f}) MiB/min, "
+            f"{entry['records_per_s']:,.0f} records/s"
         )
     return results
 
@@ -669,7 +723,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(table(results))
     print(
         f"\nceiling = idle + {_COPIES} x the in-flight plaintext the bound admits + the "
-        f"consumer's prefetch; flat = slope <= {_FLAT_SLOPE_MIB_PER_MIN:g} MiB/min and "
+        f"consumer's prefetch; LS = least squares, TS = Theil-Sen; "
+        f"flat = TS slope <= {_FLAT_SLOPE_MIB_PER_MIN:g} MiB/min and "
         "max <= ceiling"
     )
     progress(f"wrote {path}; worker and service logs in {logs}")

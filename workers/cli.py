@@ -214,15 +214,22 @@ def demo(records: int, state_dir: Path | None) -> None:
     "the best setting for this machine (sweep.json; about 4 minutes, --quick about 2).",
 )
 @click.option(
+    "--memory",
+    is_flag=True,
+    help="Instead: the worker's RSS under a slow destination and a 500 ms KMS "
+    "(memory.json; about 5 minutes, --quick about 2.5).",
+)
+@click.option(
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
     default=Path("bench-results"),
     show_default=True,
     help="Directory for results.json, results.md, details.json and the PNG plots.",
 )
-def bench(quick: bool, smoke: bool, sweep: bool, out: Path) -> None:
+def bench(quick: bool, smoke: bool, sweep: bool, memory: bool, out: Path) -> None:
     """Side-by-side benchmarks on the embedded broker and KMS (needs envpipe[bench])."""
     try:
+        from benchmarks import memory as rss
         from benchmarks import run as benchmark
         from benchmarks import sweep as grid
     except ImportError as exc:
@@ -232,6 +239,8 @@ def bench(quick: bool, smoke: bool, sweep: bool, out: Path) -> None:
     mode = "smoke" if smoke else "quick" if quick else "full"
     if sweep:
         sys.exit(grid.main(out=out, mode=mode))
+    if memory:
+        sys.exit(rss.main(["--out", str(out), *(["--quick"] if quick else [])]))
     sys.exit(benchmark.main(out=out, quick=quick, smoke=smoke))
 
 
