@@ -35,6 +35,7 @@ from benchmarks.measure import Progress, machine_info, median
 from benchmarks.services import Child, child_environ, dev_services
 from workers import dev
 from workers.runtime import run as run_async
+from workers.stream import ASSIGNED_LOG
 from workers.topics import create_topics
 
 _PARTITIONS = 6  # enough for two or three processes to share
@@ -197,8 +198,8 @@ def _last_assignment(log: Path, source: str) -> set[str]:
     except OSError:
         return set()
     for line in reversed(lines):
-        if "partitions assigned:" in line:
-            named = line.split("partitions assigned:", 1)[1].split(",")
+        if ASSIGNED_LOG in line:
+            named = line.split(ASSIGNED_LOG, 1)[1].split(",")
             return {name.strip() for name in named if name.strip().startswith(source + "/")}
     return set()
 

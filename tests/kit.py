@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import random
+import socket
 import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
@@ -435,3 +436,10 @@ def assert_dead_letters_by_source(
             (SOURCE_HEADER, source.encode()),
         ), source
     assert not expected
+
+
+def free_port() -> int:
+    """A loopback port that was free a moment ago (bind to 0, read it back, release it)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

@@ -16,6 +16,7 @@ import botocore.session
 import pytest
 
 from pipeline.errors import ServiceError
+from tests import kit
 from workers import dev
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,13 +39,6 @@ def _bindable(port: int) -> bool:
         except OSError:
             return False
         return True
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _port(address: str) -> int:
@@ -217,7 +211,7 @@ def test_broker_that_never_answers_times_out_with_its_log(
         monkeypatch,
         "import os, time; print('fake broker pid', os.getpid(), flush=True); time.sleep(60)",
     )
-    kms_port = _free_port()
+    kms_port = kit.free_port()
 
     with pytest.raises(ServiceError) as caught:
         dev.up(tmp_path, kms_port=kms_port, ready_timeout=1.0)

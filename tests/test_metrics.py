@@ -22,12 +22,6 @@ from workers.dev import DevEnv
 from workers.metrics import METRIC_FAMILIES, MetricsServer, Snapshot
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _get(port: int, path: str = "/metrics") -> tuple[int, str]:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as answer:
@@ -75,7 +69,7 @@ async def test_scraping_running_workers(dev_env: DevEnv, workers: Workers) -> No
     await kit.create_topic(bootstrap, plain)
     count = 2_000
     await kit.produce(bootstrap, plain, kit.keyed(count, 300))
-    encrypt_port, decrypt_port = _free_port(), _free_port()
+    encrypt_port, decrypt_port = kit.free_port(), kit.free_port()
     encrypt = await workers.encrypt(
         plain, enc, kit.name("g"), name="enc", ENVPIPE_METRICS_PORT=str(encrypt_port)
     )

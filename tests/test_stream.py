@@ -22,7 +22,7 @@ from pipeline.envelope import VERSION_HEADER, decode_header
 from pipeline.errors import KmsUnavailableError
 from tests import kit
 from tests.faults import KmsFaultProxy
-from tests.kit import IDLE, MARKER, Proc, Rec, Tail, Workers
+from tests.kit import IDLE, MARKER, Rec, Tail, Workers
 from workers.dev import DevEnv
 from workers.stats import Histogram
 from workers.stream import ERROR_HEADER, SOURCE_HEADER
@@ -396,14 +396,6 @@ async def _produce_steadily(bootstrap: str, topic: str, until: asyncio.Event) ->
     return produced
 
 
-async def _logged(proc: Proc, text: str, within: float = 60) -> None:
-    """Wait until the worker's log contains `text`."""
-    deadline = asyncio.get_running_loop().time() + within
-    while text not in proc.log.read_text():
-        assert asyncio.get_running_loop().time() < deadline, f"no {text!r}:\n{proc.tail()}"
-        await asyncio.sleep(0.2)
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 async def test_a_second_worker_takes_over_partitions_under_load(
@@ -420,8 +412,8 @@ async def test_a_second_worker_takes_over_partitions_under_load(
         async with Tail(bootstrap, enc) as tail:
             await tail.wait_for(1, within=60)
         second = await workers.encrypt(plain, enc, group, "--stop-when-idle", "4", name="w2")
-        await _logged(first, "partitions revoked: ")  # the first commits what it did
-        await _logged(second, f"partitions assigned: {plain}/")
+        await kit.logged(first, "partitions revoked: ")  # the first commits what it did
+        await kit.logged(second, f"partitions assigned: {plain}/")
         await asyncio.sleep(2)  # both run under load for a while
     finally:
         stop.set()

@@ -40,7 +40,7 @@ from pipeline.kms.aws import AwsKms
 from pipeline.kms.counting import CountingKms
 from workers import dev, runtime, topics
 from workers.stats import Histogram
-from workers.stream import STATS_FILE_ENV
+from workers.stream import ASSIGNED_LOG, STATS_FILE_ENV
 
 __all__ = ["DemoError", "Report", "Verification", "render", "run", "sample_records"]
 
@@ -51,7 +51,6 @@ IDLE_SECONDS = 20.0
 #: Records timed one by one through Encryptor.seal / Decryptor.open in this process.
 CRYPTO_STAGE_RECORDS = 5_000
 _JOIN_SECONDS = 60.0
-_ASSIGNED = "partitions assigned:"  # what a stream worker logs when its group gives it work
 _STOP_GRACE = 15.0
 _LOG_TAIL_LINES = 15
 #: Every sample order value contains this; no encrypted value may.
@@ -223,9 +222,9 @@ class Worker:
         except OSError:
             return False
         return any(
-            line.partition(_ASSIGNED)[2].strip() not in ("", "none")
+            line.partition(ASSIGNED_LOG)[2].strip() not in ("", "none")
             for line in text.splitlines()
-            if _ASSIGNED in line
+            if ASSIGNED_LOG in line
         )
 
     def check(self) -> None:

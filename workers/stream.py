@@ -106,6 +106,8 @@ __all__ = [
 ]
 
 log = logging.getLogger("envpipe.stream")
+#: Logged with the partitions whenever the group assigns some: tools wait for it.
+ASSIGNED_LOG = "partitions assigned:"
 
 #: Environment variable naming the JSON stats file a worker writes on exit.
 STATS_FILE_ENV = "ENVPIPE_STATS_FILE"
@@ -872,7 +874,7 @@ class _Worker:
         self._last_activity = time.monotonic()
         if self._pause_reasons and assigned:
             self._consumer.pause(*assigned)
-        log.info("partitions assigned: %s", ", ".join(_names(assigned)) or "none")
+        log.info("%s %s", ASSIGNED_LOG, ", ".join(_names(assigned)) or "none")
 
     # -- progress and metrics --
 
