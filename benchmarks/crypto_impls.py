@@ -40,7 +40,7 @@ class ImplContext:
 
     kms_endpoint: str
     region: str
-    kms_key_arn: str
+    kms_key_canonical: str
     #: one real envpipe envelope, so `floor` encodes a header of exactly the real size
     sample_envelope: bytes
 

@@ -100,7 +100,7 @@ def main(*, out: Path, quick: bool = False, smoke: bool = False) -> int:
         settings = load_settings()
         inputs, sample = run_async(_prepare(settings))
         progress(f"envelope overhead at 1 KiB: {inputs.overhead} bytes")
-        context = ImplContext(env.kms_endpoint, env.region, env.kms_key_arn, sample)
+        context = ImplContext(env.kms_endpoint, env.region, env.kms_key_canonical, sample)
         crypto = run_crypto_stage(child_environ(env), context, plan.crypto, progress)
         budget = run_async(measure_kms_budget(settings, plan.kms_records, progress))
         stage = PipelineStage(env, plan.pipeline, inputs, logs, progress)

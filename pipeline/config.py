@@ -24,6 +24,11 @@ MIB = 1 << 20
 #: GCM with random or counter nonces: NIST SP 800-38D caps one key at 2^32 invocations.
 MAX_RECORDS_PER_DEK = 1 << 32
 
+#: The cryptography services (ENVPIPE_KMS_PROVIDER).
+PROVIDERS = ("aws", "vault", "pkcs11")
+#: Kafka's record-batch codecs (ENVPIPE_COMPRESSION); inputs in every one are always read.
+COMPRESSIONS = ("none", "gzip", "snappy", "lz4", "zstd")
+
 ENV_PREFIX = "ENVPIPE_"
 CONFIG_FILE_ENV = "ENVPIPE_CONFIG"
 
@@ -35,9 +40,13 @@ def _setting(
     low: float | None = None,
     high: float | None = None,
     choices: tuple[str, ...] = (),
+    secret: bool = False,
 ) -> Any:
+    """A setting: its default, its help, its bounds; `secret` ones are never printed."""
     return field(
-        default=default, metadata={"help": doc, "low": low, "high": high, "choices": choices}
+        default=default,
+        repr=not secret,
+        metadata={"help": doc, "low": low, "high": high, "choices": choices, "secret": secret},
     )
 
 
@@ -46,19 +55,41 @@ class Settings:
     """The effective configuration. Field `x` is set by `--x`, `ENVPIPE_X` or `x = ...` in TOML."""
 
     bootstrap_servers: str = _setting("localhost:9092", "Kafka bootstrap servers, host:port[,...]")
+    kms_provider: str = _setting(
+        "aws",
+        "cryptography service: aws (KMS), vault (Vault/OpenBao transit) or pkcs11 (an HSM)",
+        choices=PROVIDERS,
+    )
     kms_endpoint: str = _setting("", "KMS endpoint URL; empty means real AWS KMS")
     kms_region: str = _setting("", "AWS region for the KMS; empty means the AWS default chain")
-    kms_key_id: str = _setting("", "KMS key (ARN or alias) that wraps data keys")
-    signing_key_id: str = _setting("", "asymmetric ECC_NIST_P256 KMS key that signs headers")
+    kms_key_id: str = _setting(
+        "",
+        "wrapping key: ARN or alias (aws), vault:MOUNT:NAME (vault), pkcs11: URI (pkcs11); "
+        "may hold {header:NAME} or {key} to pick a key per record",
+    )
+    signing_key_id: str = _setting(
+        "", "ECDSA P-256 key that signs headers: ARN or alias, vault:MOUNT:NAME, pkcs11: URI"
+    )
     allowed_kms_keys: tuple[str, ...] = _setting(
-        (), "wrapping-key ARNs readers accept; default: the configured key"
+        (), "canonical wrapping-key ids readers accept; default: the configured key"
     )
     allowed_signing_keys: tuple[str, ...] = _setting(
-        (), "signing-key ARNs readers accept; default: the configured signing key"
+        (), "canonical signing-key ids readers accept; default: the configured signing key"
     )
-    kms_max_connections: int = _setting(10, "KMS HTTP connection pool size", low=1, high=1000)
+    kms_max_connections: int = _setting(
+        10, "concurrent requests to the service (HTTP pool, or HSM sessions)", low=1, high=1000
+    )
     kms_verify_tls: bool = _setting(True, "verify the KMS endpoint's TLS certificate")
     kms_ca_bundle: str = _setting("", "CA bundle (PEM) for the KMS endpoint; empty: system CAs")
+    vault_token_file: str = _setting(
+        "", "file holding the Vault token (read again when it changes, as Vault Agent's sink)"
+    )
+    pkcs11_module: str = _setting("", "path of the PKCS#11 library (libsofthsm2.so, say)")
+    pkcs11_token: str = _setting("", "label of the PKCS#11 token holding the keys")
+    pkcs11_pin: str = _setting(
+        "", "the token's user PIN (prefer ENVPIPE_PKCS11_PIN_FILE)", secret=True
+    )
+    pkcs11_pin_file: str = _setting("", "file holding the token's user PIN")
 
     dek_max_age_seconds: float = _setting(300.0, "retire a DEK after this age", low=1, high=86400)
     dek_max_records: int = _setting(
@@ -70,6 +101,9 @@ class Settings:
     )
     dek_grace_seconds: float = _setting(
         300.0, "while the KMS is down, let a DEK outlive its age/bytes limit", low=0, high=86400
+    )
+    encrypt_cache_size: int = _setting(
+        1000, "live (key, context) DEKs kept by a writer (LRU)", low=1, high=10_000_000
     )
     decrypt_cache_size: int = _setting(10_000, "unwrapped DEKs kept by a reader", low=1)
     decrypt_cache_idle_seconds: float = _setting(
@@ -97,8 +131,41 @@ class Settings:
         1 * MIB, "producer batch size per partition", low=1024, high=64 * MIB
     )
 
+    format: str = _setting(
+        "v1",
+        "wire format written: v1 (header in every record) or v2 (keys topic)",
+        choices=("v1", "v2"),
+    )
+    keys_topic: str = _setting("", "v2 keys topic; default: <encrypted topic>.keys")
+    keys_wait_seconds: float = _setting(
+        30.0, "how long a v2 reader waits for a missing header before header_missing", low=0
+    )
+    compression: str = _setting(
+        "none",
+        "compression of every topic envpipe writes: none, gzip, snappy, lz4 or zstd",
+        choices=COMPRESSIONS,
+    )
+    exactly_once: bool = _setting(
+        False, "consume-transform-produce in Kafka transactions (Apache Kafka only)"
+    )
+
     kafka_security_protocol: str = _setting(
-        "PLAINTEXT", "Kafka transport: PLAINTEXT or SSL", choices=("PLAINTEXT", "SSL")
+        "PLAINTEXT",
+        "Kafka transport: PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL",
+        choices=("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"),
+    )
+    kafka_sasl_mechanism: str = _setting(
+        "",
+        "SASL mechanism: PLAIN, SCRAM-SHA-256, SCRAM-SHA-512 or OAUTHBEARER",
+        choices=("", "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"),
+    )
+    kafka_sasl_username: str = _setting("", "SASL user name")
+    kafka_sasl_password: str = _setting(
+        "", "SASL password (prefer ENVPIPE_KAFKA_SASL_PASSWORD_FILE)", secret=True
+    )
+    kafka_sasl_password_file: str = _setting("", "file holding the SASL password")
+    kafka_sasl_oauth_token_provider: str = _setting(
+        "", "OAUTHBEARER token provider, module:attribute (an aiokafka AbstractTokenProvider)"
     )
     kafka_ssl_cafile: str = _setting("", "CA bundle (PEM) that signed the brokers' certificates")
     kafka_ssl_certfile: str = _setting("", "client certificate (PEM) for mutual TLS; optional")

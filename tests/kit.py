@@ -305,15 +305,15 @@ async def moto(
 
 def decryptor(kms: AwsKms, env: DevEnv) -> Decryptor:
     return Decryptor(
-        kms, allowed_kms_keys=[env.kms_key_arn], allowed_signing_keys=[env.signing_key_arn]
+        kms, allowed_kms_keys=[env.kms_key_canonical], allowed_signing_keys=[env.signing_key_canonical]
     )
 
 
 def encryptor(kms: AwsKms, env: DevEnv, stream: str, kms_key_id: str | None = None) -> Encryptor:
     return Encryptor(
         kms,
-        kms_key_id=kms_key_id or env.kms_key_arn,
-        signing_key_id=env.signing_key_arn,
+        kms_key_id=kms_key_id or env.kms_key_canonical,
+        signing_key_id=env.signing_key_canonical,
         stream=stream,
     )
 

@@ -104,8 +104,8 @@ async def test_wire_format_matches_the_contract(
     header = envelope["header"]
     assert header["version"] == 1
     assert header["alg"] == "AES_256_GCM"
-    assert header["kms_key_id"] == dev_env.kms_key_arn  # the ARN, never the alias
-    assert header["signing_key_id"] == dev_env.signing_key_arn
+    assert header["kms_key_id"] == dev_env.kms_key_canonical  # the ARN, never the alias
+    assert header["signing_key_id"] == dev_env.signing_key_canonical
     assert len(header["dek_id"]) == 16
     assert len(envelope["nonce"]) == 12
 
@@ -113,7 +113,7 @@ async def test_wire_format_matches_the_contract(
     signed = avro_encode(HEADER_SCHEMA, {**header, "signature": b""})
     client = botocore_kms(dev_env)
     verdict = client.verify(
-        KeyId=dev_env.signing_key_arn,
+        KeyId=dev_env.signing_key_canonical,
         Message=signed,
         MessageType="RAW",
         Signature=header["signature"],
@@ -209,7 +209,7 @@ async def test_unwrap_failure_under_a_valid_signature(
     # a header whose wrapped DEK is garbage, but properly signed by the allowlisted key
     forged = {**header, "wrapped_dek": b"\x01" * 150, "signature": b""}
     signed = avro_encode(HEADER_SCHEMA, forged)
-    forged["signature"] = await kms.sign(dev_env.signing_key_arn, signed)
+    forged["signature"] = await kms.sign(dev_env.signing_key_canonical, signed)
     bad = retamper(sealed, **forged)
     decrypts = kms.calls["Decrypt"]
     for _ in range(50):
@@ -232,7 +232,7 @@ async def test_foreign_signing_key_costs_zero_kms_calls(
     foreign_sealed = await attacker.seal(b"forged", b"k")
     # and a header that claims our signing key but carries the foreign key's signature
     header = avro_decode(foreign_sealed)["header"]
-    claimed = {**header, "signing_key_id": dev_env.signing_key_arn, "signature": b""}
+    claimed = {**header, "signing_key_id": dev_env.signing_key_canonical, "signature": b""}
     claimed["signature"] = client.sign(
         KeyId=foreign["Arn"],
         Message=avro_encode(HEADER_SCHEMA, claimed),

@@ -63,9 +63,9 @@ def test_keys_exist_under_their_aliases(dev_env: dev.DevEnv) -> None:
         "alias/envpipe-dev",
         "alias/envpipe-dev-signing",
     )
-    assert wrapping["Arn"] == dev_env.kms_key_arn
+    assert wrapping["Arn"] == dev_env.kms_key_canonical
     assert (wrapping["KeySpec"], wrapping["KeyUsage"]) == ("SYMMETRIC_DEFAULT", "ENCRYPT_DECRYPT")
-    assert signing["Arn"] == dev_env.signing_key_arn
+    assert signing["Arn"] == dev_env.signing_key_canonical
     assert (signing["KeySpec"], signing["KeyUsage"]) == ("ECC_NIST_P256", "SIGN_VERIFY")
 
 
@@ -201,7 +201,9 @@ def test_missing_extra_says_what_to_install(
 
 def _fake_broker(monkeypatch: pytest.MonkeyPatch, code: str) -> None:
     """Replace the broker with a Python one-liner that never speaks Kafka."""
-    monkeypatch.setattr(dev, "_broker_command", lambda port: [sys.executable, "-c", code])
+    monkeypatch.setattr(
+        "workers.dev.tansu.broker_command", lambda port, advertised: [sys.executable, "-c", code]
+    )
 
 
 def test_broker_that_never_answers_times_out_with_its_log(

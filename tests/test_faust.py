@@ -183,8 +183,8 @@ async def test_faust_round_trip_returns_every_record(dev_env: DevEnv, trip: Trip
     assert all(r.headers[-1] == VERSION_HEADER for r in sealed)
     assert sum(r.value is None for r in sealed) == sum(r.value is None for r in trip.source)
     header, _ = decode_header(next(r.value for r in sealed if r.value))
-    assert header.kms_key_id == dev_env.kms_key_arn
-    assert header.signing_key_id == dev_env.signing_key_arn
+    assert header.kms_key_id == dev_env.kms_key_canonical
+    assert header.signing_key_id == dev_env.signing_key_canonical
     assert dict(header.encryption_context) == {STREAM_CONTEXT_KEY: topics.source}
     # Key, value, headers (repeats and order kept) and timestamp, as a multiset.
     assert Counter(map(Rec.of, opened)) == Counter(map(Rec.of, trip.source))

@@ -133,8 +133,8 @@ def test_json_reports_every_header_field_and_verdict(
     assert verified["header"] == {
         "version": 1,
         "alg": "AES_256_GCM",
-        "kms_key_id": dev_env.kms_key_arn,
-        "signing_key_id": dev_env.signing_key_arn,
+        "kms_key_id": dev_env.kms_key_canonical,
+        "signing_key_id": dev_env.signing_key_canonical,
         "dek_id": sealed.dek_id,
         "encryption_context": {"envpipe:stream": STREAM},
         "wrapped_dek_bytes": verified["header"]["wrapped_dek_bytes"],
@@ -168,8 +168,8 @@ def test_text_report_is_aligned_and_shows_the_keys(
     verdict_column = lines[0].index("VERDICT")
     assert {row.index(row.split()[2]) for row in rows} == {verdict_column}
     details = [line for line in lines if line.startswith(" " * verdict_column) and line.strip()]
-    assert f"kms key     {dev_env.kms_key_arn}" in details[0]
-    assert f"signing key {dev_env.signing_key_arn}" in details[1]
+    assert f"kms key     {dev_env.kms_key_canonical}" in details[0]
+    assert f"signing key {dev_env.signing_key_canonical}" in details[1]
     assert f"dek id      {sealed.dek_id}" in details[2]
     assert "context     envpipe:stream=orders" in details[3]
     assert f"kms key     {FOREIGN_KEY}" in out

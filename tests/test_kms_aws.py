@@ -153,7 +153,7 @@ async def test_implements_the_protocol(kms: AwsKms) -> None:
 async def test_data_key_round_trip_reports_the_arn(kms: AwsKms, aws_chain: DevEnv) -> None:
     key = await kms.generate_data_key(aws_chain.kms_key_id, CONTEXT)
 
-    assert key.key_id == aws_chain.kms_key_arn  # the ARN, never the alias we asked with
+    assert key.key_id == aws_chain.kms_key_canonical  # the ARN, never the alias we asked with
     assert len(key.plaintext) == 32
     assert key.plaintext not in key.wrapped
     assert await kms.decrypt(key.key_id, key.wrapped, dict(reversed(CONTEXT.items()))) == (
@@ -162,7 +162,7 @@ async def test_data_key_round_trip_reports_the_arn(kms: AwsKms, aws_chain: DevEn
 
 
 async def test_wrong_context_is_refused(kms: AwsKms, aws_chain: DevEnv) -> None:
-    key = await kms.generate_data_key(aws_chain.kms_key_arn, CONTEXT)
+    key = await kms.generate_data_key(aws_chain.kms_key_canonical, CONTEXT)
 
     with pytest.raises(KmsRequestError) as caught:
         await kms.decrypt(key.key_id, key.wrapped, {**CONTEXT, "tenant": "evil"})
@@ -190,7 +190,7 @@ async def test_signature_verifies_locally(kms: AwsKms, aws_chain: DevEnv) -> Non
     message = b"header bytes S"
     signature = await kms.sign(aws_chain.signing_key_id, message)
     public_key = serialization.load_der_public_key(
-        await kms.get_public_key(aws_chain.signing_key_arn)
+        await kms.get_public_key(aws_chain.signing_key_canonical)
     )
     assert isinstance(public_key, ec.EllipticCurvePublicKey)
 
@@ -206,9 +206,9 @@ async def test_resolve_key_id_returns_the_arn_once(kms: AwsKms, aws_chain: DevEn
     )
 
     for _ in range(3):
-        assert await kms.resolve_key_id(aws_chain.kms_key_id) == aws_chain.kms_key_arn
-    assert await kms.resolve_key_id(aws_chain.kms_key_arn) == aws_chain.kms_key_arn
-    assert await kms.resolve_key_id(aws_chain.signing_key_id) == aws_chain.signing_key_arn
+        assert await kms.resolve_key_id(aws_chain.kms_key_id) == aws_chain.kms_key_canonical
+    assert await kms.resolve_key_id(aws_chain.kms_key_canonical) == aws_chain.kms_key_canonical
+    assert await kms.resolve_key_id(aws_chain.signing_key_id) == aws_chain.signing_key_canonical
 
     assert len(describe_calls) == 2  # one per alias; the ARN was learned from the first
 
@@ -331,7 +331,7 @@ async def test_slow_kms_times_out(aws_chain: DevEnv, fake_kms: FakeKms) -> None:
     fake_kms.delay = 1.0
     async with await _open_fake(fake_kms, read_timeout=0.2) as kms:
         with pytest.raises(KmsUnavailableError) as caught:
-            await kms.decrypt(aws_chain.kms_key_arn, b"blob", CONTEXT)
+            await kms.decrypt(aws_chain.kms_key_canonical, b"blob", CONTEXT)
     assert caught.value.code == "Timeout"
     _check_clean(caught.value, aws_chain)
 

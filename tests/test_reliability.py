@@ -382,7 +382,7 @@ async def test_forged_headers_cost_no_kms_call_and_bad_deks_one_per_header(
         ]["Arn"]
 
         async def ours(message: bytes) -> bytes:
-            return await kms.sign(dev_env.signing_key_arn, message)
+            return await kms.sign(dev_env.signing_key_canonical, message)
 
         async def theirs(message: bytes) -> bytes:
             return await kms.sign(foreign_signer, message)
@@ -391,7 +391,7 @@ async def test_forged_headers_cost_no_kms_call_and_bad_deks_one_per_header(
             "good": kit.encryptor(kms, dev_env, enc),
             "base": kit.encryptor(kms, dev_env, enc),  # another DEK, for the flipped kind
             "attacker": Encryptor(
-                kms, kms_key_id=dev_env.kms_key_arn, signing_key_id=foreign_signer, stream=enc
+                kms, kms_key_id=dev_env.kms_key_canonical, signing_key_id=foreign_signer, stream=enc
             ),
             "kms-key": kit.encryptor(kms, dev_env, enc, kms_key_id=foreign_wrapper),
         }
@@ -413,7 +413,7 @@ async def test_forged_headers_cost_no_kms_call_and_bad_deks_one_per_header(
                 base["attacker"],
                 SIGNED_VARIANTS,
                 theirs,
-                signing_key_id=dev_env.signing_key_arn,
+                signing_key_id=dev_env.signing_key_canonical,
             ),
             "kms-key": await _variants(base["kms-key"], SIGNED_VARIANTS, ours),
             "flipped": [  # byte i % len XOR a mask: 2,500 distinct signatures
@@ -498,7 +498,7 @@ async def test_forged_headers_cost_no_kms_call_and_bad_deks_one_per_header(
     assert all(calls <= 1 for calls in per_bad_dek.values()), per_bad_dek
     assert summary["decrypt_calls_for_good"] == 1
     assert ledger.calls["Decrypt"] == 1 + sum(per_bad_dek.values())  # nothing else unwrapped
-    assert set(ledger.public_keys) == {dev_env.signing_key_arn}  # never the foreign key's
+    assert set(ledger.public_keys) == {dev_env.signing_key_canonical}  # never the foreign key's
     assert not {"GenerateDataKey", "Sign"} & set(ledger.calls)
 
     kit.assert_dead_letters(

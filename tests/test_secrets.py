@@ -235,7 +235,7 @@ async def test_no_secret_or_payload_in_logs_stats_dlq_or_topics(
         async with kit.moto(dev_env, proxy.endpoint) as (kms, _):
 
             async def sign(message: bytes) -> bytes:
-                return await kms.sign(dev_env.signing_key_arn, message)
+                return await kms.sign(dev_env.signing_key_canonical, message)
 
             bad_dek = await kit.forge(sample.value, sign=sign, wrapped_dek=b"\x01" * 150)
         bad = [

@@ -53,14 +53,14 @@ async def test_fault_proxy_modes_reach_the_client_as_retriable_errors(dev_env: D
         kit.moto(dev_env, proxy.endpoint, attempts=1) as (kms, _),
     ):
         arn = await kms.resolve_key_id(dev_env.kms_key_id)
-        assert arn == dev_env.kms_key_arn
+        assert arn == dev_env.kms_key_canonical
         for mode, code in [("throttle", "ThrottlingException"), ("internal", "KMSInternal")]:
             await proxy.set_mode(mode)  # type: ignore[arg-type]
             with pytest.raises(KmsUnavailableError, match=code):
                 await kms.generate_data_key(arn, {"envpipe:stream": "s"})
         await proxy.set_mode("refuse")
         with pytest.raises(KmsUnavailableError, match="ConnectionError"):
-            await kms.sign(dev_env.signing_key_arn, b"m")
+            await kms.sign(dev_env.signing_key_canonical, b"m")
         await proxy.set_mode("stall")
         call = asyncio.ensure_future(kms.generate_data_key(arn, {"envpipe:stream": "s"}))
         await asyncio.sleep(0.5)

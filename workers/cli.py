@@ -89,17 +89,34 @@ def dev() -> None:
 
 @dev.command("up")
 @click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option(
+    "--kms",
+    type=click.Choice(["aws", "vault", "pkcs11"]),
+    default="aws",
+    show_default=True,
+    help="Cryptography service: moto (AWS KMS), OpenBao (Vault transit) or SoftHSM2 (PKCS#11).",
+)
+@click.option(
+    "--broker",
+    type=click.Choice(["tansu", "kafka"]),
+    default="tansu",
+    show_default=True,
+    help="Broker: embedded Tansu, or Apache Kafka in KRaft mode (needs Java 17 and Maven).",
+)
 @click.option("--broker-port", type=int, default=None, help="Broker port (default: a free one).")
-@click.option("--kms-port", type=int, default=None, help="KMS port (default: a free one).")
-def dev_up(state_dir: Path, broker_port: int | None, kms_port: int | None) -> None:
+@click.option("--kms-port", type=int, default=None, help="Service port (default: a free one).")
+def dev_up(
+    state_dir: Path, kms: str, broker: str, broker_port: int | None, kms_port: int | None
+) -> None:
     """Start the services, create the dev keys and write STATE_DIR/dev.env."""
     from workers import dev as services
 
-    env = services.up(state_dir, broker_port=broker_port, kms_port=kms_port)
-    click.echo(f"broker      {env.bootstrap_servers}  (pid {env.broker_pid})")
-    click.echo(f"kms         {env.kms_endpoint}  (pid {env.kms_pid})")
-    click.echo(f"wrapping    {env.kms_key_id} = {env.kms_key_arn}")
-    click.echo(f"signing     {env.signing_key_id} = {env.signing_key_arn}")
+    env = services.up(state_dir, kms=kms, broker=broker, broker_port=broker_port, kms_port=kms_port)
+    pids = ", ".join(f"{name} pid {pid}" for name, pid in env.pids.items()) or "no processes"
+    click.echo(f"broker      {env.bootstrap_servers}  ({env.broker})")
+    click.echo(f"kms         {env.provider}  ({pids})")
+    click.echo(f"wrapping    {env.kms_key_id} = {env.kms_key_canonical}")
+    click.echo(f"signing     {env.signing_key_id} = {env.signing_key_canonical}")
     click.echo(f"environment source {state_dir / 'dev.env'}")
 
 

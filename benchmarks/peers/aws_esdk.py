@@ -46,7 +46,7 @@ class AwsEsdk(CountedPeer):
         session.register("before-call.kms", self._counter)
         session.set_config_variable("region", context.region)
         provider = StrictAwsKmsMasterKeyProvider(
-            key_ids=[context.kms_key_arn], botocore_session=session
+            key_ids=[context.kms_key_canonical], botocore_session=session
         )
         self._cmm = CachingCryptoMaterialsManager(
             master_key_provider=provider,

@@ -64,7 +64,7 @@ class ConfluentCsfle(CountedPeer):
             "kms", endpoint_url=context.kms_endpoint
         )
         kms.meta.events.register("before-call.kms", self._counter)
-        key_uri = f"aws-kms://{context.kms_key_arn}"
+        key_uri = f"aws-kms://{context.kms_key_canonical}"
         tink.register_kms_client(awskms.new_client(boto3_client=kms, key_uri=key_uri))
         AwsKmsDriver.register()
         FieldEncryptionExecutor.register()  # type: ignore[no-untyped-call]
@@ -81,7 +81,7 @@ class ConfluentCsfle(CountedPeer):
                 {
                     "encrypt.kek.name": "envpipe-bench",
                     "encrypt.kms.type": "aws-kms",
-                    "encrypt.kms.key.id": context.kms_key_arn,
+                    "encrypt.kms.key.id": context.kms_key_canonical,
                 }
             ),
             None,
