@@ -3,16 +3,22 @@
 A `Sealer` owns the nonce sequence of its DEK: a counter from a random 96-bit start, so a
 nonce never repeats under one key for up to 2^96 records (the DEK cache retires keys long
 before, at `dek_max_records` <= 2^32). An `Opener` is the read side's twin.
+
+Both formats share this code: a record is `prefix || nonce || length || ciphertext`, where
+the prefix is the whole encoded header in v1 and the version byte plus `dek_id` in v2, and
+the AAD is `label || SHA-256(S) || k` with the format's label. Pure: no IO, no clock.
 """
 
 from __future__ import annotations
 
 import secrets
+from collections.abc import Mapping
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from pipeline.envelope import NONCE_SIZE, aad_prefix, encode_long, record_key_suffix
+from pipeline.avro import encode_long
+from pipeline.envelope import NONCE_SIZE, record_key_suffix
 from pipeline.errors import DecryptionError, Reason
 
 DEK_SIZE = 32
@@ -26,7 +32,11 @@ def _cipher(dek: bytes) -> AESGCM:
 
 
 class Sealer:
-    """Seals records under one DEK whose header is already encoded and signed."""
+    """Seals records under one DEK whose header is already encoded and signed.
+
+    `prefix` starts every record (v1: the header bytes; v2: version byte and dek_id);
+    `aad_prefix` is `label || SHA-256(S)`; `header_bytes` the signed header itself.
+    """
 
     __slots__ = (
         "__weakref__",
@@ -35,18 +45,19 @@ class Sealer:
         "_aesgcm",
         "_next_nonce",
         "header_bytes",
+        "prefix",
     )
 
-    def __init__(self, dek: bytes, header_bytes: bytes, signed: bytes) -> None:
+    def __init__(self, dek: bytes, prefix: bytes, aad_prefix: bytes, header_bytes: bytes) -> None:
         self._aesgcm = _cipher(dek)
-        prefix = aad_prefix(signed)
-        self._aad_null = prefix + record_key_suffix(None)
-        self._aad_keyed = prefix + record_key_suffix(b"")  # the key bytes follow
+        self._aad_null = aad_prefix + record_key_suffix(None)
+        self._aad_keyed = aad_prefix + record_key_suffix(b"")  # the key bytes follow
         self._next_nonce = secrets.randbits(8 * NONCE_SIZE)
+        self.prefix = prefix
         self.header_bytes = header_bytes
 
     def seal(self, plaintext: bytes, key: bytes | None) -> bytes:
-        """One v1 envelope: header bytes, fresh nonce, Avro-length-prefixed ciphertext."""
+        """One record: prefix, fresh nonce, Avro-length-prefixed ciphertext."""
         counter = self._next_nonce
         self._next_nonce = (counter + 1) % _NONCE_SPACE
         nonce = counter.to_bytes(NONCE_SIZE, "big")
@@ -61,18 +72,26 @@ class Sealer:
             )
         else:
             length = encode_long(len(ciphertext))
-        return b"".join((self.header_bytes, nonce, length, ciphertext))
+        return b"".join((self.prefix, nonce, length, ciphertext))
 
 
 class Opener:
-    """Opens records whose verified header is `header_bytes`."""
+    """Opens records that start with `prefix` and whose verified header gave `aad_prefix`."""
 
-    __slots__ = ("__weakref__", "_aad_prefix", "_aesgcm", "header_bytes")
+    __slots__ = ("__weakref__", "_aad_prefix", "_aesgcm", "context", "prefix")
 
-    def __init__(self, dek: bytes, header_bytes: bytes, signed: bytes) -> None:
+    def __init__(
+        self,
+        dek: bytes,
+        prefix: bytes,
+        aad_prefix: bytes,
+        context: Mapping[str, str] | None = None,
+    ) -> None:
         self._aesgcm = _cipher(dek)
-        self._aad_prefix = aad_prefix(signed)
-        self.header_bytes = header_bytes
+        self._aad_prefix = aad_prefix
+        self.prefix = prefix
+        #: the verified header's encryption context (a rewrap seals under the same one)
+        self.context: Mapping[str, str] = context or {}
 
     def open(self, nonce: bytes, ciphertext: bytes, key: bytes | None) -> bytes:
         """Plaintext, or `DecryptionError(bad_tag)` if anything bound by the AAD changed."""

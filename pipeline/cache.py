@@ -7,10 +7,13 @@ record path does not wait on the KMS. If minting fails, the current DEK runs on 
 period, never past its record limit; after that `reserve` raises `DekExhaustedError` and the
 caller pauses. Failed mints back off with jitter, so an outage does not become a KMS storm.
 
-`DecryptDekCache` is the reader's LRU of unwrapped DEKs keyed by the signed header bytes,
-with an idle TTL, single-flight misses and a short negative cache for failed unwraps.
+`DecryptDekCache` is the reader's LRU of unwrapped DEKs keyed by the records' prefix (the
+signed header bytes in v1, version byte and dek_id in v2), with an idle TTL, single-flight
+misses and a short negative cache for failed unwraps.
 
-Both are sans-IO: the KMS work is an injected coroutine function, time an injected clock.
+Both are sans-IO: no sockets, no files. The KMS work is an injected coroutine function and
+time an injected clock; they do schedule asyncio tasks (the background refresh), so they
+need a running event loop.
 """
 
 from __future__ import annotations
@@ -225,10 +228,20 @@ class EncryptDekCache:
         task = slot.pending
         assert task is not None  # noqa: S101 (just started)
         await asyncio.wait({task})
-        if task.cancelled() or task.exception() is not None:
+        error = None if task.cancelled() else task.exception()
+        if isinstance(error, EnvpipeError) and not error.retriable:
+            raise error  # refused for good (a deleted key, access denied): say so, do not spin
+        if task.cancelled() or error is not None:
             raise DekExhaustedError(
                 "no usable data key: minting a new one failed"
             ) from slot.last_error
+
+    def drop_all(self) -> None:
+        """Drop every DEK now (an operator's SIGHUP); new ones are minted on demand."""
+        for slot in self._slots.values():
+            if slot.pending is not None:
+                slot.pending.cancel()
+        self._slots.clear()
 
     async def close(self) -> None:
         """Cancel background mints and drop every DEK."""
@@ -255,7 +268,7 @@ class _Negative:
 
 
 class DecryptDekCache:
-    """LRU of unwrapped DEKs keyed by signed header bytes, with single-flight misses."""
+    """LRU of unwrapped DEKs keyed by record prefix, with single-flight misses."""
 
     def __init__(
         self,
@@ -277,52 +290,52 @@ class DecryptDekCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, header_bytes: bytes) -> Opener | None:
+    def get(self, prefix: bytes) -> Opener | None:
         """The opener for a header already verified and unwrapped, if fresh; counts a hit."""
-        entry = self._entries.get(header_bytes)
+        entry = self._entries.get(prefix)
         if entry is None:
             return None
         now = self._clock()
         if now - entry.last_used > self._idle_seconds:
-            del self._entries[header_bytes]
+            del self._entries[prefix]
             self.stats["evict"] += 1
             return None
         entry.last_used = now
-        self._entries.move_to_end(header_bytes)
+        self._entries.move_to_end(prefix)
         self.stats["hit"] += 1
         return entry.value
 
-    def check_negative(self, header_bytes: bytes) -> None:
+    def check_negative(self, prefix: bytes) -> None:
         """Raise the remembered error if this header failed recently."""
-        negative = self._negative.get(header_bytes)
+        negative = self._negative.get(prefix)
         if negative is None:
             return
         if self._clock() < negative.until:
             self.stats["negative"] += 1
             raise DecryptionError(negative.reason)
-        del self._negative[header_bytes]
+        del self._negative[prefix]
 
-    async def load(self, header_bytes: bytes, admit: Callable[[], Awaitable[Opener]]) -> Opener:
-        """Opener for `header_bytes`: cached, or built by `admit` once for all concurrent askers.
+    async def load(self, prefix: bytes, admit: Callable[[], Awaitable[Opener]]) -> Opener:
+        """Opener for `prefix`: cached, or built by `admit` once for all concurrent askers.
 
         `admit` verifies and unwraps; a `DecryptionError` it raises is remembered for
         `negative_seconds`. Retriable errors (KMS down) are not remembered.
         """
-        cached = self.get(header_bytes)
+        cached = self.get(prefix)
         if cached is not None:
             return cached
-        self.check_negative(header_bytes)
-        pending = self._pending.get(header_bytes)
+        self.check_negative(prefix)
+        pending = self._pending.get(prefix)
         if pending is not None:
             return await asyncio.shield(pending)
         self.stats["miss"] += 1
         future: asyncio.Future[Opener] = asyncio.get_running_loop().create_future()
-        self._pending[header_bytes] = future
+        self._pending[prefix] = future
         try:
             opener = await admit()
         except EnvpipeError as exc:
             if isinstance(exc, DecryptionError):
-                self._remember_failure(header_bytes, exc.reason)
+                self._remember_failure(prefix, exc.reason)
             future.set_exception(exc)
             future.exception()  # mark retrieved: waiters may be absent
             raise
@@ -330,22 +343,22 @@ class DecryptDekCache:
             future.cancel()
             raise
         finally:
-            del self._pending[header_bytes]
-        self._store(header_bytes, opener)
+            del self._pending[prefix]
+        self._store(prefix, opener)
         future.set_result(opener)
         return opener
 
-    def _store(self, header_bytes: bytes, opener: Opener) -> None:
-        self._entries[header_bytes] = _Entry(opener, self._clock())
+    def _store(self, prefix: bytes, opener: Opener) -> None:
+        self._entries[prefix] = _Entry(opener, self._clock())
         while len(self._entries) > self._max_entries:
             self._entries.popitem(last=False)
             self.stats["evict"] += 1
 
-    def _remember_failure(self, header_bytes: bytes, reason: Reason) -> None:
+    def _remember_failure(self, prefix: bytes, reason: Reason) -> None:
         if self._negative_seconds <= 0:
             return
-        self._negative[header_bytes] = _Negative(reason, self._clock() + self._negative_seconds)
-        self._negative.move_to_end(header_bytes)
+        self._negative[prefix] = _Negative(reason, self._clock() + self._negative_seconds)
+        self._negative.move_to_end(prefix)
         while len(self._negative) > self._max_entries:
             self._negative.popitem(last=False)
 

@@ -137,6 +137,9 @@ class Settings:
         choices=("v1", "v2"),
     )
     keys_topic: str = _setting("", "v2 keys topic; default: <encrypted topic>.keys")
+    keys_cache_size: int = _setting(
+        200_000, "v2 headers a reader keeps in memory (about 0.5 KiB each)", low=1
+    )
     keys_wait_seconds: float = _setting(
         30.0, "how long a v2 reader waits for a missing header before header_missing", low=0
     )
@@ -345,24 +348,58 @@ def require(settings: Settings, name: str, purpose: str) -> str:
     return str(value)
 
 
-#: The standard AWS chain's variables that carry a secret; `config show` names, never prints.
-AWS_CREDENTIAL_VARIABLES = (
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "AWS_PROFILE",
-    "AWS_WEB_IDENTITY_TOKEN_FILE",
-    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
-    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
-)
+#: Where each provider's credentials can come from: variables or settings that hold a secret
+#: or point at one. `config show` names those that are set, never their values.
+CREDENTIAL_SOURCES = {
+    "aws": (
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_PROFILE",
+        "AWS_WEB_IDENTITY_TOKEN_FILE",
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    ),
+    "vault": (
+        "VAULT_TOKEN",
+        "BAO_TOKEN",
+        "ENVPIPE_VAULT_TOKEN_FILE",
+        "VAULT_ADDR",
+        "BAO_ADDR",
+        "VAULT_NAMESPACE",
+        "BAO_NAMESPACE",
+        "VAULT_CACERT",
+        "BAO_CACERT",
+    ),
+    "pkcs11": (
+        "ENVPIPE_PKCS11_PIN",
+        "ENVPIPE_PKCS11_PIN_FILE",
+        "ENVPIPE_PKCS11_MODULE",
+        "ENVPIPE_PKCS11_TOKEN",
+        "SOFTHSM2_CONF",
+    ),
+}
+_FALLBACK = {
+    "aws": "the standard AWS chain (config files, SSO, container or instance role)",
+    "vault": "nothing set: VAULT_ADDR and VAULT_TOKEN (or ENVPIPE_VAULT_TOKEN_FILE) are needed",
+    "pkcs11": "nothing set: ENVPIPE_PKCS11_MODULE, _TOKEN and _PIN (or _PIN_FILE) are needed",
+}
 
 
-def describe_aws_credentials(environ: Mapping[str, str]) -> str:
-    """Where the AWS chain will look first, naming the variables that are set, not values."""
-    present = [name for name in AWS_CREDENTIAL_VARIABLES if environ.get(name)]
+def describe_credentials(settings: Settings, environ: Mapping[str, str]) -> str:
+    """Where the selected provider's credentials come from: the sources set, not values."""
+    provider = settings.kms_provider
+    present = [name for name in CREDENTIAL_SOURCES[provider] if environ.get(name)]
+    present += [
+        env_name(name)
+        for name in ("vault_token_file", "pkcs11_pin", "pkcs11_pin_file")
+        if getattr(settings, name)
+        and env_name(name) not in present
+        and env_name(name) in CREDENTIAL_SOURCES[provider]
+    ]
     if not present:
-        return "standard AWS chain (config files, SSO, container or instance role)"
-    return f"standard AWS chain; set: {', '.join(present)} (values redacted)"
+        return f"{provider}: {_FALLBACK[provider]}"
+    return f"{provider}: set: {', '.join(present)} (values redacted)"
 
 
 def redact_url(text: str) -> str:

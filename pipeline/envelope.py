@@ -1,5 +1,8 @@
 """Wire format v1: the Avro envelope, the signed header bytes S and the AAD. Sans-IO.
 
+The header codec here serves both formats: a v1 envelope starts with its header (version 1),
+and a v2 keys-topic record is the same header with version 2 (`pipeline.envelope_v2`).
+
 The schema is read from `schemas/envelope.avsc`, never re-typed here. The constants the fast
 path needs (field order, nonce and DEK-id sizes, the algorithm symbol) are derived from it
 at import time, so a schema edit that would break the byte layout fails loudly.
@@ -22,26 +25,28 @@ from typing import Any
 
 import fastavro
 
+from pipeline.avro import encode_long, long_size, read_long, sorted_context
 from pipeline.errors import DecryptionError, Reason
 
 FORMAT_VERSION = 1
 AAD_LABEL = b"envpipe.v1"
-#: Kafka record header the workers add to every envelope record.
-VERSION_HEADER = ("envpipe.v", b"1")
+#: The Kafka record header naming the format of an envelope record, and its v1 value.
+VERSION_HEADER_NAME = "envpipe.v"
+VERSION_HEADER = (VERSION_HEADER_NAME, b"1")
 #: The default encryption-context key that names the stream.
 STREAM_CONTEXT_KEY = "envpipe:stream"
 
 
-def _schema_path() -> Path:
+def schema_path(filename: str) -> Path:
     """The installed wheel carries a copy next to the package; a checkout has it at the top."""
     here = Path(__file__).resolve().parent
     for folder in (here / "schemas", here.parent / "schemas"):
-        if (folder / "envelope.avsc").is_file():
-            return folder / "envelope.avsc"
-    raise FileNotFoundError("schemas/envelope.avsc not found beside the pipeline package")
+        if (folder / filename).is_file():
+            return folder / filename
+    raise FileNotFoundError(f"schemas/{filename} not found beside the pipeline package")
 
 
-SCHEMA_PATH = _schema_path()
+SCHEMA_PATH = schema_path("envelope.avsc")
 _RAW_SCHEMA: dict[str, Any] = json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
 _NAMED: dict[str, Any] = {}
 ENVELOPE_SCHEMA = fastavro.parse_schema(_RAW_SCHEMA, named_schemas=_NAMED)
@@ -76,11 +81,6 @@ class Header:
     alg: str = ALGORITHM
 
 
-def _sorted_context(context: Mapping[str, str]) -> dict[str, str]:
-    """Keys in ascending UTF-8 byte order, as the signed bytes S require."""
-    return dict(sorted(context.items(), key=lambda item: item[0].encode("utf-8")))
-
-
 def encode_header(header: Header) -> bytes:
     """Avro binary encoding of `Header`; the context map is one block with sorted keys."""
     buffer = io.BytesIO()
@@ -93,7 +93,7 @@ def encode_header(header: Header) -> bytes:
             "kms_key_id": header.kms_key_id,
             "wrapped_dek": header.wrapped_dek,
             "dek_id": header.dek_id,
-            "encryption_context": _sorted_context(header.encryption_context),
+            "encryption_context": sorted_context(header.encryption_context),
             "signing_key_id": header.signing_key_id,
             "signature": header.signature,
         },
@@ -106,9 +106,9 @@ def signed_bytes(header: Header) -> bytes:
     return encode_header(replace(header, signature=b""))
 
 
-def aad_prefix(signed: bytes) -> bytes:
-    """The per-DEK part of the AAD: `b"envpipe.v1" || SHA-256(S)`."""
-    return AAD_LABEL + hashlib.sha256(signed).digest()
+def aad_prefix(signed: bytes, label: bytes = AAD_LABEL) -> bytes:
+    """The per-DEK part of the AAD: `label || SHA-256(S)` (label `envpipe.v1` or `envpipe.v2`)."""
+    return label + hashlib.sha256(signed).digest()
 
 
 def record_key_suffix(key: bytes | None) -> bytes:
@@ -121,44 +121,16 @@ def aad(signed: bytes, key: bytes | None) -> bytes:
     return aad_prefix(signed) + record_key_suffix(key)
 
 
-def encode_long(value: int) -> bytes:
-    """Avro `long`: zig-zag, then base-128 varint, least significant group first."""
-    number = (value << 1) ^ (value >> 63)
-    out = bytearray()
-    while number & ~0x7F:
-        out.append((number & 0x7F) | 0x80)
-        number >>= 7
-    out.append(number)
-    return bytes(out)
-
-
-def _long_size(value: int) -> int:
-    """Bytes in the minimal varint of a non-negative Avro long."""
-    return max(1, ((value << 1).bit_length() + 6) // 7)
-
-
 def encode_record(header_bytes: bytes, nonce: bytes, ciphertext: bytes) -> bytes:
     """One envelope: header bytes, nonce, Avro `bytes` ciphertext. No per-record Avro writer."""
     return b"".join((header_bytes, nonce, encode_long(len(ciphertext)), ciphertext))
 
 
-def _read_long(data: bytes, offset: int) -> tuple[int, int]:
-    """Decode an Avro long at `offset`; returns (value, next offset). Bounded to 10 bytes."""
-    result = shift = 0
-    for index in range(offset, min(offset + 10, len(data))):
-        byte = data[index]
-        result |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return (result >> 1) ^ -(result & 1), index + 1
-        shift += 7
-    raise DecryptionError(Reason.MALFORMED)
-
-
 def split_body(value: bytes, header_length: int) -> tuple[bytes, bytes]:
     """(nonce, ciphertext) after a header of known length; the ciphertext must end the value."""
     nonce_end = header_length + NONCE_SIZE
-    length, start = _read_long(value, nonce_end)
-    if length < 0 or start + length != len(value) or start - nonce_end != _long_size(length):
+    length, start = read_long(value, nonce_end)
+    if length < 0 or start + length != len(value) or start - nonce_end != long_size(length):
         raise DecryptionError(Reason.MALFORMED)
     return value[header_length:nonce_end], value[start:]
 
@@ -169,15 +141,16 @@ _MAX_PLAUSIBLE_VERSION = 255
 _PARSE_ERRORS = (EOFError, ValueError, IndexError, KeyError, TypeError, OverflowError)
 
 
-def decode_header(value: bytes) -> tuple[Header, int]:
+def decode_header(value: bytes, version: int = FORMAT_VERSION) -> tuple[Header, int]:
     """Parse the header at the start of `value`; returns (header, its encoded length).
 
-    The version is read first, so a future format gets `unknown_version`; anything else
-    that is not a v1 header (plaintext JSON, random bytes, truncation) is `malformed`.
+    `version` is the one expected: 1 at the start of a v1 envelope, 2 for a v2 keys-topic
+    header. It is read first, so a future format gets `unknown_version`; anything else that
+    is not such a header (plaintext JSON, random bytes, truncation) is `malformed`.
     """
-    version, _ = _read_long(value, 0)
-    if version != FORMAT_VERSION:
-        plausible = 0 < version <= _MAX_PLAUSIBLE_VERSION
+    found, _ = read_long(value, 0)
+    if found != version:
+        plausible = 0 < found <= _MAX_PLAUSIBLE_VERSION
         raise DecryptionError(Reason.UNKNOWN_VERSION if plausible else Reason.MALFORMED)
     stream = io.BytesIO(value)
     try:

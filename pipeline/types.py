@@ -98,3 +98,22 @@ class Kms(Protocol):
     async def close(self) -> None:
         """Release connections. Idempotent."""
         ...
+
+
+@runtime_checkable
+class HeaderSink(Protocol):
+    """Where a v2 writer stores each DEK's signed header: the keys topic, in production."""
+
+    async def publish(self, dek_id: bytes, header: bytes) -> None:
+        """Store `header` under `dek_id`; return only once it is durably acknowledged
+        (acks=all), because records under that DEK are sent right after."""
+        ...
+
+
+@runtime_checkable
+class HeaderSource(Protocol):
+    """Where a v2 reader finds the signed header of a `dek_id`."""
+
+    def get(self, dek_id: bytes) -> bytes | None:
+        """The header bytes filed under `dek_id`, or None if none has arrived (yet)."""
+        ...

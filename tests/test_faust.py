@@ -309,7 +309,7 @@ async def test_idle_stop_exits_zero_and_writes_the_stats_file(
 
 
 def test_timestamps_survive_faust_seconds_to_the_millisecond() -> None:
-    from workers.faust_helpers import _exact_seconds
+    from workers.faust_delivery import _exact_seconds
 
     edge = [*range(0, 200_000, 7), 1_700_000_000_123, 253_402_300_799_999]
     assert [int((_exact_seconds(ms / 1000.0) or 0) * 1000) for ms in edge] == edge

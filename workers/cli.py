@@ -18,7 +18,7 @@ import click
 
 from pipeline.config import (
     Settings,
-    describe_aws_credentials,
+    describe_credentials,
     describe_settings,
     load_settings_explained,
     redact_url,
@@ -199,6 +199,31 @@ def decrypt(**options: Any) -> None:
 
 
 @main.command()
+@worker_options(
+    "Encrypted",
+    "Encrypted",
+    dlq_required=True,
+    dlq_help="Dead-letter topic for records that cannot be opened or sealed again "
+    "(their original bytes and the reason).",
+)
+@click.option(
+    "--to-key",
+    required=True,
+    metavar="KEY",
+    help="Wrapping key to seal under: ARN or alias, vault:MOUNT:NAME or pkcs11: URI "
+    "(a template with {header:NAME} or {key} works too).",
+)
+def rewrap(**options: Any) -> None:
+    """Re-encrypt a topic under another key: open each envelope (the reader's allowlists
+    apply) and seal it again under --to-key, keeping its encryption context, key, timestamp
+    and headers. At-least-once, with progress and a summary; written in ENVPIPE_FORMAT."""
+    from workers import stream
+
+    settings = build_settings(options)
+    sys.exit(stream.run_rewrap(settings, **options))
+
+
+@main.command()
 @click.option("--topic", required=True, help="Encrypted topic to read (no group, no commit).")
 @click.option("--limit", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per record.")
@@ -214,11 +239,26 @@ def inspect(**options: Any) -> None:
 @main.command()
 @click.option("--records", type=click.IntRange(min=1), default=100_000, show_default=True)
 @click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
-def demo(records: int, state_dir: Path | None) -> None:
-    """The whole path on the embedded broker and KMS, then a summary table."""
+@click.option(
+    "--kms",
+    type=click.Choice(["aws", "vault", "pkcs11"]),
+    default="aws",
+    show_default=True,
+    help="Cryptography service: moto (AWS KMS), OpenBao (Vault transit) or SoftHSM2 (PKCS#11).",
+)
+@click.option(
+    "--format",
+    "format_name",
+    type=click.Choice(["v1", "v2"]),
+    default="v1",
+    show_default=True,
+    help="Wire format the encrypt worker writes (v2 keeps headers in a keys topic).",
+)
+def demo(records: int, state_dir: Path | None, kms: str, format_name: str) -> None:
+    """The whole path on the embedded broker and a service, then a summary table."""
     from workers import demo as demonstration
 
-    sys.exit(demonstration.run(records=records, state_dir=state_dir))
+    sys.exit(demonstration.run(records=records, state_dir=state_dir, kms=kms, format=format_name))
 
 
 @main.command()
@@ -271,15 +311,18 @@ def config() -> None:
 def config_show(**options: Any) -> None:
     """Print the effective settings and where each came from (flag, environment, TOML).
 
-    AWS credentials are not settings: they come only from the standard AWS chain, and only
-    the names of the credential variables that are set are shown, never their values.
+    Credentials are not shown: for the selected provider, only the names of the credential
+    sources that are set (variables, files) are printed, never their values.
     """
     settings, sources = build_settings_explained(options)
     for spec in fields(Settings):
         value = getattr(settings, spec.name)
-        shown = ",".join(value) if isinstance(value, tuple) else redact_url(str(value))
-        click.echo(f"{spec.name:<28} {shown:<40} {sources.get(spec.name, 'default')}")
-    click.echo(f"{'aws_credentials':<28} {describe_aws_credentials(os.environ)}")
+        if spec.metadata["secret"]:
+            shown = "(set, redacted)" if value else ""
+        else:
+            shown = ",".join(value) if isinstance(value, tuple) else redact_url(str(value))
+        click.echo(f"{spec.name:<32} {shown:<40} {sources.get(spec.name, 'default')}")
+    click.echo(f"{'credentials':<32} {describe_credentials(settings, os.environ)}")
 
 
 if __name__ == "__main__":

@@ -45,9 +45,11 @@ from mode.types.signals import BaseSignalT
 
 from pipeline.config import MIB, Settings, load_settings
 from pipeline.errors import ConfigError
+from workers.contract import STATS_FILE_ENV
 from workers.faust_helpers import AgentCrypto
+from workers.jobs import keys_topic_of
 from workers.kafka_access import KafkaAccess
-from workers.stream import STATS_FILE_ENV, ensure_topics
+from workers.topics import ensure_outputs
 
 __all__ = ["FaustTopics", "create_app"]  # and `app`, made on first access
 
@@ -146,7 +148,7 @@ class _EnvpipeApp(faust.App):
     async def on_first_start(self) -> None:
         await super().on_first_start()
         for source, targets in self.envpipe_outputs:
-            await ensure_topics(self.envpipe_kafka, source, targets)
+            await ensure_outputs(self.envpipe_kafka, source, targets)
 
     async def on_shutdown(self) -> None:
         await super().on_shutdown()
@@ -188,6 +190,7 @@ def create_app(settings: Settings, topics: FaustTopics) -> faust.App:
         producer_linger=settings.linger_ms / 1000,
         producer_max_batch_size=settings.producer_max_batch_bytes,
         producer_max_request_size=max(MIB, settings.producer_max_batch_bytes),
+        producer_compression_type=None if settings.compression == "none" else settings.compression,
     )
     app.envpipe_settings = settings
     app.envpipe_kafka = kafka
@@ -195,7 +198,12 @@ def create_app(settings: Settings, topics: FaustTopics) -> faust.App:
     direction = "+".join(
         name for name, on in (("encrypt", topics.source), ("decrypt", topics.clear)) if on
     )
-    crypto = AgentCrypto(settings, stream=topics.stream or None, direction=direction)
+    crypto = AgentCrypto(
+        settings,
+        stream=topics.stream or None,
+        direction=direction,
+        keys_topic=keys_topic_of(topics.encrypted, settings.keys_topic),
+    )
     app.envpipe_crypto = crypto
     stats_file = os.environ.get(STATS_FILE_ENV) or None
     app.envpipe_stats_file = Path(stats_file) if stats_file else None

@@ -2,8 +2,9 @@
 
 It parses each header and runs the reader's own checks (allowlists, then the signature,
 verified locally with public keys fetched once) but never unwraps a DEK or opens a payload.
-Inspecting a topic therefore costs no KMS Decrypt call and shows no plaintext, so it is
-safe to point at any topic. It reads without a consumer group and commits nothing.
+Inspecting a topic therefore costs no unwrap and shows no plaintext, so it is safe to point
+at any topic. It reads without a consumer group and commits nothing. A v2 record is shown
+joined with its header from the keys topic (`<topic>.keys`, or ENVPIPE_KEYS_TOPIC).
 """
 
 from __future__ import annotations
@@ -19,13 +20,16 @@ from typing import Any
 
 import orjson
 
+from pipeline import envelope_v2
 from pipeline.config import Settings
-from pipeline.crypto import Decryptor
+from pipeline.decryptor import Decryptor
 from pipeline.envelope import Header, decode_header, split_body
-from pipeline.errors import DecryptionError, EnvpipeError
-from pipeline.kms.counting import CountingKms
-from pipeline.types import Kms
+from pipeline.errors import DecryptionError, EnvpipeError, Reason
+from pipeline.keys_topic import KeysTopicReader
+from pipeline.kms import CountingKms, open_kms
+from pipeline.types import HeaderSource, Kms, Operation
 from workers import runtime, topics
+from workers.jobs import keys_topic_of
 from workers.kafka_access import KafkaAccess
 
 __all__ = ["TOMBSTONE", "VERIFIED", "Finding", "examine", "inspect_topic", "run"]
@@ -45,7 +49,8 @@ class Finding:
     """One record as inspect reports it: where it is, its key, its header and the verdict.
 
     `verdict` is VERIFIED, TOMBSTONE or the reason code a reader would reject it with.
-    `header` is None when the value is null or does not parse as a v1 header.
+    `header` is None when the value is null, does not parse, or (v2) has no header yet.
+    `format` is "v1", "v2" or "" (not an envelope).
     """
 
     topic: str
@@ -57,23 +62,38 @@ class Finding:
     kafka_headers: tuple[str, ...]
     verdict: str
     header: Header | None
+    format: str = ""
 
 
-async def examine(decryptor: Decryptor, value: bytes | None) -> tuple[str, Header | None]:
-    """(verdict, parsed header) of one record value, with no KMS call and no decryption."""
+async def examine(
+    decryptor: Decryptor, value: bytes | None, headers: HeaderSource | None = None
+) -> tuple[str, Header | None, str]:
+    """(verdict, parsed header, format) of one record value, with no unwrap and no decryption.
+
+    A v2 record's header is looked up in `headers` (the keys topic); none there is
+    `header_missing`.
+    """
     if value is None:
-        return TOMBSTONE, None
+        return TOMBSTONE, None, ""
     try:
-        header, header_length = decode_header(value)
+        if value[:1] == bytes((envelope_v2.FIRST_BYTE,)):
+            header, form = _v2_header(value, headers), "v2"
+        else:
+            header, length = decode_header(value)
+            split_body(value, length)
+            form = "v1"
     except DecryptionError as exc:
-        return exc.reason.value, None
+        return exc.reason.value, None, ""
     reason = await decryptor.check_header(header)
-    if reason is None:
-        try:
-            split_body(value, header_length)
-        except DecryptionError as exc:
-            reason = exc.reason
-    return (VERIFIED if reason is None else reason.value), header
+    return (VERIFIED if reason is None else reason.value), header, form
+
+
+def _v2_header(value: bytes, headers: HeaderSource | None) -> Header:
+    dek_id, _, _ = envelope_v2.decode_record(value)
+    found = headers.get(dek_id) if headers is not None else None
+    if found is None:
+        raise DecryptionError(Reason.HEADER_MISSING)
+    return envelope_v2.decode_keys_header(found, dek_id)
 
 
 async def inspect_topic(
@@ -88,11 +108,14 @@ async def inspect_topic(
     verdicts: Counter[str] = Counter()
     kafka = KafkaAccess.from_settings(settings)
     decryptor = await Decryptor.from_settings(kms, settings)
+    keys = await KeysTopicReader.open(
+        keys_topic_of(topic, settings.keys_topic), follow=False, **kafka.client_kwargs()
+    )
     records = topics.scan(kafka, topic, client_id="envpipe-inspect", limit=limit)
     async with contextlib.aclosing(records):  # stops the consumer even if `emit` fails
         async for batch in records:
             for record in batch:
-                verdict, header = await examine(decryptor, record.value)
+                verdict, header, form = await examine(decryptor, record.value, keys)
                 verdicts[verdict] += 1
                 emit(
                     Finding(
@@ -105,8 +128,10 @@ async def inspect_topic(
                         kafka_headers=tuple(name for name, _ in record.headers),
                         verdict=verdict,
                         header=header,
+                        format=form,
                     )
                 )
+    await keys.close()
     return verdicts
 
 
@@ -126,7 +151,7 @@ def run(settings: Settings, *, topic: str, limit: int, as_json: bool) -> int:
 
 
 async def _main(settings: Settings, *, topic: str, limit: int, as_json: bool) -> int:
-    kms = CountingKms(await runtime.open_kms(settings))
+    kms = CountingKms(await open_kms(settings))
     try:
         emit = _print_json if as_json else _TextReport()
         verdicts = await inspect_topic(settings, kms, topic=topic, limit=limit, emit=emit)
@@ -137,15 +162,16 @@ async def _main(settings: Settings, *, topic: str, limit: int, as_json: bool) ->
 
 
 def summary(verdicts: Mapping[str, int], kms_calls: Mapping[str, int]) -> str:
-    """One line: verdict counts and the KMS calls made (Decrypt is always zero)."""
+    """One line: verdict counts and the service calls made (unwrap is always zero)."""
     total = sum(verdicts.values())
     if not total:
         counts = "no records"
     else:
         listed = ", ".join(f"{n} {verdict}" for verdict, n in sorted(verdicts.items()))
         counts = f"{total} record{'s' if total != 1 else ''}: {listed}"
-    calls = ", ".join(f"{op} {n}" for op, n in sorted(kms_calls.items()) if op != "Decrypt")
-    return f"{counts}. KMS calls: {calls or 'none'}; Decrypt {kms_calls.get('Decrypt', 0)}."
+    unwrap = Operation.UNWRAP.value
+    calls = ", ".join(f"{op} {n}" for op, n in sorted(kms_calls.items()) if op != unwrap)
+    return f"{counts}. KMS calls: {calls or 'none'}; {unwrap} {kms_calls.get(unwrap, 0)}."
 
 
 def show_key(key: bytes | None) -> str:
@@ -186,6 +212,7 @@ class _TextReport:
         )
         header = finding.header
         if header is not None:
+            print(f"{_INDENT}{'format':<12}{finding.format}")
             for label, shown in (
                 ("kms key", header.kms_key_id),
                 ("signing key", header.signing_key_id),
@@ -209,6 +236,7 @@ def as_dict(finding: Finding) -> dict[str, Any]:
         "kafka_headers": list(finding.kafka_headers),
         "verdict": finding.verdict,
         "verified": finding.verdict == VERIFIED,
+        "format": finding.format or None,
         "header": None
         if header is None
         else {

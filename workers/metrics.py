@@ -61,6 +61,8 @@ class Snapshot:
     """What a worker reports at one scrape (the worker builds it; see workers/stream.py)."""
 
     direction: str
+    #: the cryptography service ("aws", "vault", "pkcs11"; "" for the passthrough)
+    provider: str = ""
     records_ok: int = 0
     records_dlq: int = 0
     #: per-record processing time in seconds, and source-to-ack time in milliseconds
@@ -105,27 +107,30 @@ class WorkerCollector(Collector):
             ["direction"],
             END_TO_END_BUCKETS,
         )
+        provider = shot.provider
         requests = CounterMetricFamily(
-            "envpipe_kms_requests", "KMS requests, by outcome", labels=["operation", "outcome"]
+            "envpipe_kms_requests",
+            "Cryptography-service requests, by provider, operation and outcome",
+            labels=["provider", "operation", "outcome"],
         )
         for operation, calls in sorted(shot.kms_calls.items()):
             failed = shot.kms_failures.get(operation, 0)
-            requests.add_metric([operation, "ok"], calls - failed)
-            requests.add_metric([operation, "error"], failed)
+            requests.add_metric([provider, operation, "ok"], calls - failed)
+            requests.add_metric([provider, operation, "error"], failed)
         yield requests
         yield _histogram(
             "envpipe_kms_request_seconds",
-            "KMS request latency, failures included",
-            [([op], hist, 1.0) for op, hist in sorted(shot.kms_latency.items())],
-            ["operation"],
+            "Cryptography-service request latency, failures included",
+            [([provider, op], hist, 1.0) for op, hist in sorted(shot.kms_latency.items())],
+            ["provider", "operation"],
             KMS_BUCKETS,
         )
-        cache = "encrypt" if direction == "encrypt" else "decrypt"
         events = CounterMetricFamily(
             "envpipe_dek_cache_events", "DEK cache events", labels=["cache", "event"]
         )
         for event, count in sorted(shot.cache_events.items()):
-            events.add_metric([cache, event], count)
+            cache, _, name = event.rpartition("_") if "_" in event else ("", "", event)
+            events.add_metric([cache or _cache_of(direction), name], count)
         yield events
         yield GaugeMetricFamily(
             "envpipe_inflight_bytes",
@@ -145,6 +150,11 @@ class WorkerCollector(Collector):
         for (topic, partition), behind in sorted(shot.lag.items()):
             lag.add_metric([topic, str(partition)], behind)
         yield lag
+
+
+def _cache_of(direction: str) -> str:
+    """Which cache a worker's unprefixed cache events come from (a rewrap prefixes its own)."""
+    return "encrypt" if direction == "encrypt" else "decrypt"
 
 
 def _histogram(

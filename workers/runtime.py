@@ -1,4 +1,4 @@
-"""What every process needs: the event loop policy, logging, and a KMS client from settings."""
+"""What every process needs: the event loop (uvloop) and logging (text or JSON)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,6 @@ from typing import Any, TypeVar
 
 import orjson
 import uvloop
-
-from pipeline.config import Settings
-from pipeline.kms.aws import AwsKms
 
 T = TypeVar("T")
 
@@ -66,19 +63,3 @@ def configure_logging(level: str = "INFO", log_format: str = "text") -> None:
         logging.getLogger(name).setLevel(level)
     for name in _NEVER_DEBUG:
         logging.getLogger(name).setLevel(logging.WARNING)
-
-
-async def open_kms(settings: Settings) -> AwsKms:
-    """The process's one KMS client, with a pool sized for the configured concurrency."""
-    verify: bool | str = settings.kms_ca_bundle or settings.kms_verify_tls
-    if not settings.kms_verify_tls:
-        logging.getLogger("envpipe.security").warning(
-            "TLS verification of the KMS endpoint is OFF (ENVPIPE_KMS_VERIFY_TLS=false); "
-            "never run like this in production"
-        )
-    return await AwsKms.open(
-        endpoint_url=settings.kms_endpoint or None,
-        region=settings.kms_region or None,
-        max_pool_connections=settings.kms_max_connections,
-        verify=verify,
-    )

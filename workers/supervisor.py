@@ -25,6 +25,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pipeline.errors import ServiceError
 
@@ -57,11 +58,11 @@ def wait_until(
 
 async def until(
     condition: Callable[[], bool | Awaitable[bool]],
-    timeout: float,
+    within: float,
     interval: float = POLL_SECONDS,
 ) -> bool:
     """`wait_until` for the event loop; `condition` may be a coroutine function."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within
     while True:
         held = condition()
         if not isinstance(held, bool):
@@ -146,11 +147,9 @@ class ProcessRecord:
         return True
 
     @classmethod
-    def from_json(cls, raw: Mapping[str, object]) -> ProcessRecord:
+    def from_json(cls, raw: Mapping[str, Any]) -> ProcessRecord:
         """The inverse of `dataclasses.asdict`; KeyError/TypeError on anything else."""
-        values = dict(raw)
-        values["argv"] = tuple(values["argv"])  # type: ignore[call-overload]
-        return cls(**values)  # type: ignore[arg-type]
+        return cls(**{**raw, "argv": tuple(raw["argv"])})
 
 
 #: Every child this interpreter started and has not reaped, by PID: `ProcessRecord.stop`

@@ -1,7 +1,9 @@
-"""Small Kafka helpers for the tools that look at topics from outside a consumer group.
+"""Every topic envpipe creates or reads from outside a consumer group, in one place.
 
-`inspect` and `demo` read whole topics without joining a group or committing anything, and
-the demo creates its topics; both share these helpers so the edge cases live in one place.
+Workers create their missing output topics like the source (`ensure_outputs`) and a v2
+writer its compacted keys topic (`ensure_keys_topic`); `inspect` and `demo` read whole topics
+without joining a group or committing anything (`scan`), and the demo creates its topics
+(`create_topics`). Sharing these helpers keeps the edge cases in one place.
 Each helper takes a `KafkaAccess` (bootstrap servers and TLS, from the settings) or a bare
 "host:port" string, which means plaintext: the embedded broker and the tests use those.
 
@@ -13,6 +15,8 @@ one record.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable
 from contextlib import asynccontextmanager
@@ -20,19 +24,29 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaConnectionError
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.errors import KafkaConnectionError, KafkaError
 
-from pipeline.errors import EnvpipeError
+from pipeline.config import env_name
+from pipeline.errors import ConfigError, TopicError
 from workers.kafka_access import KafkaAccess
 
-__all__ = ["TopicError", "consumer", "create_topics", "create_with", "scan"]
+__all__ = [
+    "TopicError",
+    "consumer",
+    "create_topics",
+    "create_with",
+    "ensure_keys_topic",
+    "ensure_outputs",
+    "scan",
+]
+
+log = logging.getLogger("envpipe.topics")
 
 _TOPIC_ALREADY_EXISTS = 36
 _POLL_MS = 200
-
-
-class TopicError(EnvpipeError):
-    """A topic cannot be read or created (an unreachable broker is a ConfigError)."""
+_MAX_REPLICATION = 3
+_COMPACT = {"cleanup.policy": "compact"}
 
 
 async def create_topics(brokers: KafkaAccess | str, names: Iterable[str], partitions: int) -> None:
@@ -53,14 +67,18 @@ async def create_topics(brokers: KafkaAccess | str, names: Iterable[str], partit
 
 
 async def create_with(
-    admin: AIOKafkaAdminClient, names: Iterable[str], partitions: int, replication: int = 1
+    admin: AIOKafkaAdminClient,
+    names: Iterable[str],
+    partitions: int,
+    replication: int = 1,
+    configs: dict[str, str] | None = None,
 ) -> tuple[list[str], list[str]]:
     """Create topics through a started admin client: (created, "topic: why" failures).
 
     A topic that already exists (another worker was first) is neither.
     """
     response = await admin.create_topics(
-        [NewTopic(name, partitions, replication) for name in names]
+        [NewTopic(name, partitions, replication, topic_configs=configs or {}) for name in names]
     )
     created, failed = [], []
     for topic, code, message in response.topic_errors:
@@ -147,3 +165,91 @@ async def _at_end(kafka: Any, tp: TopicPartition) -> bool:
     """Whether the consumer's position has reached the partition's last fetched high watermark."""
     highwater = kafka.highwater(tp)
     return highwater is not None and await kafka.position(tp) >= highwater
+
+
+async def ensure_outputs(kafka: KafkaAccess, source: str, targets: list[str]) -> None:
+    """Create missing output topics like the source; best effort.
+
+    Same partition count as the source (so the default partitioner maps a key to the same
+    partition number) and a replication factor of min(3, brokers). If that fails, the
+    broker's auto-creation or an operator's topics are used as they are.
+    """
+    try:
+        async with _admin(kafka) as admin:
+            # Every topic at once: asking for the source by name could auto-create it.
+            described = {topic["topic"]: topic for topic in await admin.describe_topics()}
+            missing = [topic for topic in targets if topic not in described]
+            if not missing:
+                return
+            partitions = len(described.get(source, {}).get("partitions", ()))
+            if not partitions:
+                log.info(
+                    "source topic %s does not exist yet; leaving %s to the broker", source, missing
+                )
+                return
+            replication = await _replication(admin)
+            created, failed = await create_with(admin, missing, partitions, replication)
+    except KafkaError as exc:
+        log.warning("could not check or create the output topics: %s", exc)
+        return
+    for topic in created:
+        log.info("created topic %s (%d partitions)", topic, partitions)
+    for failure in failed:
+        log.warning("could not create topic %s", failure)
+
+
+async def ensure_keys_topic(kafka: KafkaAccess, topic: str, like: str) -> None:
+    """Create the v2 keys topic if missing (compacted, `like`'s replication factor); refuse
+    one that exists but is not compacted, since its headers would then expire."""
+    setting = env_name("keys_topic")
+    async with _admin(kafka) as admin:
+        try:
+            described = {t["topic"]: t for t in await admin.describe_topics()}
+            if topic not in described:
+                replicas = [
+                    len(p.get("replicas", ()))
+                    for p in described.get(like, {}).get("partitions", ())
+                ]
+                replication = max(replicas) if replicas else await _replication(admin)
+                _, failed = await create_with(admin, [topic], 1, replication, _COMPACT)
+                if failed:
+                    raise ConfigError(setting, f"cannot create the keys topic: {failed[0]}")
+                log.info("created keys topic %s (compacted, replication %d)", topic, replication)
+                return
+            policy = await _cleanup_policy(admin, topic)
+        except KafkaError as exc:
+            raise ConfigError(setting, f"cannot check the keys topic {topic}: {exc}") from exc
+    if policy is not None and "compact" not in policy:
+        raise ConfigError(
+            setting,
+            f"the keys topic {topic} exists with cleanup.policy={policy}: its headers would "
+            "expire and records under them could no longer be opened; set cleanup.policy="
+            "compact on it, or name another topic",
+        )
+
+
+async def _cleanup_policy(admin: AIOKafkaAdminClient, topic: str) -> str | None:
+    """The topic's cleanup.policy, or None if the broker does not say."""
+    responses = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)])
+    for response in responses:
+        for resource in response.resources:
+            for entry in resource[4]:
+                if entry[0] == "cleanup.policy":
+                    return str(entry[1])
+    return None
+
+
+async def _replication(admin: AIOKafkaAdminClient) -> int:
+    brokers = len((await admin.describe_cluster())["brokers"])
+    return max(1, min(_MAX_REPLICATION, brokers))
+
+
+@contextlib.asynccontextmanager
+async def _admin(kafka: KafkaAccess) -> AsyncIterator[AIOKafkaAdminClient]:
+    admin = AIOKafkaAdminClient(**kafka.client_kwargs(), client_id="envpipe-admin")
+    try:
+        await admin.start()
+        yield admin
+    finally:
+        with contextlib.suppress(Exception):
+            await admin.close()

@@ -1,5 +1,11 @@
 """AWS KMS through aiobotocore: one long-lived client, errors translated at the boundary.
 
+Canonical ids are key ARNs. Signing sends the raw message S while it fits KMS's 4096-byte
+limit for MessageType=RAW (every emulator supports that), and the SHA-256 digest with
+MessageType=DIGEST above it, so a large encryption context still signs. A disabled key, a
+key pending deletion and a missing key are `KeyUnavailableError`; access denied names the
+KMS permission (kms:Decrypt, ...) the role lacks.
+
 The client (and its connection pool) lives for the whole process, because opening one costs
 credential resolution and a TLS handshake: far too much for the record path. Credentials come
 only from the standard AWS chain, so they never travel through envpipe's own configuration.
@@ -8,7 +14,7 @@ only from the standard AWS chain, so they never travel through envpipe's own con
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from types import TracebackType
 from typing import TYPE_CHECKING, Self, TypeVar
@@ -18,8 +24,15 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore import exceptions as boto
 
-from pipeline.errors import ConfigError, KmsError, KmsRequestError, KmsUnavailableError
-from pipeline.types import DataKey
+from pipeline.errors import (
+    ConfigError,
+    KeyUnavailableError,
+    KmsAccessDeniedError,
+    KmsError,
+    KmsRequestError,
+    KmsUnavailableError,
+)
+from pipeline.types import DataKey, EncryptionContext, Operation
 
 if TYPE_CHECKING:
     from types_aiobotocore_kms.client import KMSClient
@@ -51,6 +64,22 @@ _RETRIABLE_CODES = frozenset(
     }
 )
 
+# The key is gone or switched off: records under it are `key_unavailable`, never an outage.
+_KEY_UNAVAILABLE_CODES = frozenset(
+    {"DisabledException", "KMSInvalidStateException", "NotFoundException"}
+)
+_ACCESS_DENIED_CODES = frozenset({"AccessDeniedException", "AccessDenied"})
+# The IAM permission each operation needs, for the access-denied message.
+_PERMISSIONS = {
+    Operation.GENERATE_DATA_KEY: "kms:GenerateDataKey",
+    Operation.UNWRAP: "kms:Decrypt",
+    Operation.SIGN: "kms:Sign",
+    Operation.PUBLIC_KEY: "kms:GetPublicKey",
+    Operation.RESOLVE: "kms:DescribeKey",
+}
+_MAX_RAW_MESSAGE = 4096  # KMS's limit for Sign(MessageType=RAW)
+_KEY_ARN = "arn:aws"
+
 _NO_CREDENTIALS = (
     "no usable AWS credentials; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
     "or AWS_PROFILE, or run with an instance/task role"
@@ -63,11 +92,12 @@ class AwsKms:
     Create it with `await AwsKms.open(...)` once per process and `await close()` at shutdown.
     """
 
+    provider = "aws"
+
     def __init__(self, client: KMSClient, stack: AsyncExitStack) -> None:
         """Wrap an entered client; `stack` exits it. Prefer `AwsKms.open`."""
         self._client: KMSClient | None = client
         self._stack = stack
-        self._arns: dict[str, str] = {}
 
     @classmethod
     async def open(
@@ -133,12 +163,12 @@ class AwsKms:
     ) -> None:
         await self.close()
 
-    async def generate_data_key(self, key_id: str, context: Mapping[str, str]) -> DataKey:
+    async def generate_data_key(self, key_id: str, context: EncryptionContext) -> DataKey:
         """GenerateDataKey(AES_256); `key_id` of the result is the ARN, even for an alias."""
         response = await self._call(
-            "GenerateDataKey",
+            Operation.GENERATE_DATA_KEY,
             lambda kms: kms.generate_data_key(
-                KeyId=key_id, KeySpec="AES_256", EncryptionContext=dict(context)
+                KeyId=key_id, KeySpec="AES_256", EncryptionContext=dict(context.pairs)
             ),
         )
         return DataKey(
@@ -147,24 +177,25 @@ class AwsKms:
             wrapped=response["CiphertextBlob"],
         )
 
-    async def decrypt(self, key_id: str, wrapped: bytes, context: Mapping[str, str]) -> bytes:
+    async def unwrap(self, key_id: str, wrapped: bytes, context: EncryptionContext) -> bytes:
         """Decrypt, pinning KeyId so a blob naming another key is refused by KMS itself."""
         response = await self._call(
-            "Decrypt",
+            Operation.UNWRAP,
             lambda kms: kms.decrypt(
-                CiphertextBlob=wrapped, KeyId=key_id, EncryptionContext=dict(context)
+                CiphertextBlob=wrapped, KeyId=key_id, EncryptionContext=dict(context.pairs)
             ),
         )
         return response["Plaintext"]
 
-    async def sign(self, key_id: str, message: bytes) -> bytes:
-        """Sign(RAW, ECDSA_SHA_256): the DER signature."""
+    async def sign(self, key_id: str, message: bytes, digest: bytes) -> bytes:
+        """Sign(ECDSA_SHA_256): RAW over the message up to 4096 bytes, else DIGEST."""
+        raw = len(message) <= _MAX_RAW_MESSAGE
         response = await self._call(
-            "Sign",
+            Operation.SIGN,
             lambda kms: kms.sign(
                 KeyId=key_id,
-                Message=message,
-                MessageType="RAW",
+                Message=message if raw else digest,
+                MessageType="RAW" if raw else "DIGEST",
                 SigningAlgorithm="ECDSA_SHA_256",
             ),
         )
@@ -172,19 +203,28 @@ class AwsKms:
 
     async def get_public_key(self, key_id: str) -> bytes:
         """GetPublicKey: DER SubjectPublicKeyInfo, for verifying signatures locally."""
-        response = await self._call("GetPublicKey", lambda kms: kms.get_public_key(KeyId=key_id))
+        response = await self._call(
+            Operation.PUBLIC_KEY, lambda kms: kms.get_public_key(KeyId=key_id)
+        )
         return response["PublicKey"]
 
-    async def resolve_key_id(self, key_id: str) -> str:
-        """DescribeKey → ARN, cached for the client's lifetime: aliases rarely move."""
-        arn = self._arns.get(key_id)
-        if arn is None:
-            response = await self._call("DescribeKey", lambda kms: kms.describe_key(KeyId=key_id))
-            arn = response["KeyMetadata"]["Arn"]
-            self._arns[key_id] = self._arns[arn] = arn
-        return arn
+    async def resolve_wrapping_key(self, name: str) -> str:
+        """DescribeKey → ARN (a key ARN is returned as it is, without a call)."""
+        return await self._describe(name)
 
-    async def _call(self, operation: str, request: Callable[[KMSClient], Awaitable[_T]]) -> _T:
+    async def resolve_signing_key(self, name: str) -> str:
+        """DescribeKey → ARN, every time: an alias may have been re-pointed."""
+        return await self._describe(name)
+
+    async def _describe(self, name: str) -> str:
+        if name.startswith(_KEY_ARN) and ":key/" in name:
+            return name
+        response = await self._call(Operation.RESOLVE, lambda kms: kms.describe_key(KeyId=name))
+        return response["KeyMetadata"]["Arn"]
+
+    async def _call(
+        self, operation: Operation, request: Callable[[KMSClient], Awaitable[_T]]
+    ) -> _T:
         """Run one request, turning every botocore/aiohttp/socket error into a `KmsError`."""
         client = self._client
         if client is None:
@@ -226,7 +266,7 @@ _CLIENT_SIDE: tuple[tuple[tuple[type[Exception], ...], type[KmsError], str, str 
 )
 
 
-def _translate(operation: str, exc: Exception) -> KmsError:
+def _translate(operation: Operation, exc: Exception) -> KmsError:
     """Map a foreign error to the envpipe tree: retriable if waiting could fix it.
 
     Messages come from the KMS, from botocore's network errors (which name the endpoint) or
@@ -237,9 +277,19 @@ def _translate(operation: str, exc: Exception) -> KmsError:
         error = exc.response.get("Error", {})
         code = error.get("Code") or "Unknown"
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        message = _truncate(error.get("Message", ""))
+        if code in _KEY_UNAVAILABLE_CODES:
+            return KeyUnavailableError(operation, code, message)
+        if code in _ACCESS_DENIED_CODES:
+            return KmsAccessDeniedError(
+                operation,
+                code,
+                f"the AWS credentials lack {_PERMISSIONS[operation]} on this key; grant it in "
+                f"the key policy or IAM policy ({message})",
+            )
         retriable = code in _RETRIABLE_CODES or status >= 500 or status == 429
         kind = KmsUnavailableError if retriable else KmsRequestError
-        return kind(operation, code, _truncate(error.get("Message", "")))
+        return kind(operation, code, message)
     if isinstance(exc, boto.ParamValidationError):
         report = str(exc.kwargs.get("report", ""))
         shape = "; ".join(line.split(", value:")[0] for line in report.splitlines())

@@ -1,18 +1,20 @@
-"""A `Kms` wrapper that counts calls, failures and time per KMS operation.
+"""A `Kms` wrapper that counts calls, failures and time per operation.
 
-KMS calls cost money and latency, and the point of the DEK caches is to avoid them: these
-counters are what the demo's "KMS calls by operation" table and the metrics report.
+Service calls cost money and latency, and the point of the DEK caches is to avoid them: these
+counters are what the demo's "KMS calls" table, the stats files and the metrics report. The
+operation names are the provider-neutral `pipeline.types.Operation` values; `provider` says
+which service answered.
 """
 
 from __future__ import annotations
 
 import time
 from collections import Counter, defaultdict
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable
 from typing import TypeVar
 
 from pipeline.histogram import Histogram
-from pipeline.types import DataKey, Kms
+from pipeline.types import DataKey, EncryptionContext, Kms, Operation
 
 __all__ = ["CountingKms"]
 
@@ -20,14 +22,15 @@ _T = TypeVar("_T")
 
 
 class CountingKms:
-    """Delegates to `inner`, recording per operation (KMS API name) how often and how long.
+    """Delegates to `inner`, recording per operation how often and how long.
 
     A call counts as a failure if it raised anything but a cancellation; `seconds` is the
-    total wall time spent awaiting the inner KMS, failures included.
+    total wall time spent awaiting the inner service, failures included.
     """
 
     def __init__(self, inner: Kms) -> None:
         self.inner = inner
+        self.provider = inner.provider
         self.calls: Counter[str] = Counter()
         self.failures: Counter[str] = Counter()
         self.seconds: defaultdict[str, float] = defaultdict(float)
@@ -36,33 +39,39 @@ class CountingKms:
             lambda: Histogram(min_value=1e-5, max_value=3600)
         )
 
-    async def generate_data_key(self, key_id: str, context: Mapping[str, str]) -> DataKey:
-        return await self._timed("GenerateDataKey", self.inner.generate_data_key(key_id, context))
+    async def generate_data_key(self, key_id: str, context: EncryptionContext) -> DataKey:
+        return await self._timed(
+            Operation.GENERATE_DATA_KEY, self.inner.generate_data_key(key_id, context)
+        )
 
-    async def decrypt(self, key_id: str, wrapped: bytes, context: Mapping[str, str]) -> bytes:
-        return await self._timed("Decrypt", self.inner.decrypt(key_id, wrapped, context))
+    async def unwrap(self, key_id: str, wrapped: bytes, context: EncryptionContext) -> bytes:
+        return await self._timed(Operation.UNWRAP, self.inner.unwrap(key_id, wrapped, context))
 
-    async def sign(self, key_id: str, message: bytes) -> bytes:
-        return await self._timed("Sign", self.inner.sign(key_id, message))
+    async def sign(self, key_id: str, message: bytes, digest: bytes) -> bytes:
+        return await self._timed(Operation.SIGN, self.inner.sign(key_id, message, digest))
 
     async def get_public_key(self, key_id: str) -> bytes:
-        return await self._timed("GetPublicKey", self.inner.get_public_key(key_id))
+        return await self._timed(Operation.PUBLIC_KEY, self.inner.get_public_key(key_id))
 
-    async def resolve_key_id(self, key_id: str) -> str:
-        return await self._timed("DescribeKey", self.inner.resolve_key_id(key_id))
+    async def resolve_wrapping_key(self, name: str) -> str:
+        return await self._timed(Operation.RESOLVE, self.inner.resolve_wrapping_key(name))
+
+    async def resolve_signing_key(self, name: str) -> str:
+        return await self._timed(Operation.RESOLVE, self.inner.resolve_signing_key(name))
 
     async def close(self) -> None:
         await self.inner.close()
 
-    async def _timed(self, operation: str, call: Awaitable[_T]) -> _T:
-        self.calls[operation] += 1
+    async def _timed(self, operation: Operation, call: Awaitable[_T]) -> _T:
+        name = operation.value
+        self.calls[name] += 1
         start = time.perf_counter()
         try:
             return await call
         except Exception:
-            self.failures[operation] += 1
+            self.failures[name] += 1
             raise
         finally:
             elapsed = time.perf_counter() - start
-            self.seconds[operation] += elapsed
-            self.latency[operation].add(elapsed)
+            self.seconds[name] += elapsed
+            self.latency[name].add(elapsed)

@@ -46,11 +46,7 @@ def read_state(state_dir: Path) -> State | None:
     """Parse state.json; None if there is none."""
     path = state_dir / "state.json"
     try:
-        raw = json.loads(path.read_text())
-        if raw["format"] != STATE_FORMAT:
-            raise ValueError(f"unknown format {raw['format']!r}")
-        procs = tuple(ProcessRecord.from_json(entry) for entry in raw["services"].values())
-        return State(procs, raw["env"])
+        return _parse(json.loads(path.read_text()))
     except FileNotFoundError:
         return None
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -58,6 +54,14 @@ def read_state(state_dir: Path) -> State | None:
             f"{path} is unreadable ({exc}); stop any leftover service processes "
             "by hand and delete the file"
         ) from exc
+
+
+def _parse(raw: dict[str, Any]) -> State:
+    """The inverse of `write_state`; ValueError/KeyError/TypeError on anything else."""
+    if raw["format"] != STATE_FORMAT:
+        raise ValueError(f"unknown format {raw['format']!r}")
+    procs = tuple(ProcessRecord.from_json(entry) for entry in raw["services"].values())
+    return State(procs, raw["env"])
 
 
 def write_state(state_dir: Path, state: State) -> None:
