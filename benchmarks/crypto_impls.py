@@ -15,9 +15,9 @@ from typing import Any, ClassVar, Protocol
 
 import fastavro
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from pipeline.crypto import Decryptor, Encryptor
 
 from pipeline.config import load_settings
-from pipeline.crypto import Decryptor, Encryptor
 from pipeline.envelope import (
     ENVELOPE_SCHEMA,
     NONCE_SIZE,

@@ -13,9 +13,10 @@ import asyncio
 from collections import Counter
 from dataclasses import dataclass, field
 
+from pipeline.crypto import Encryptor
+
 from benchmarks.measure import Progress
 from pipeline.config import Settings
-from pipeline.crypto import Encryptor
 from pipeline.kms.counting import CountingKms
 from workers.runtime import open_kms
 

@@ -5,10 +5,10 @@
 KMS, and samples the worker's resident memory (VmRSS) every 0.5 s:
 
 * `baseline`: nothing slowed.
-* `slow_kms`: every KMS request is held 500 ms (`tests.faults.KmsFaultProxy` with
+* `slow_kms`: every KMS request is held 500 ms (`benchmarks.rigs.kms_proxy.KmsFaultProxy` with
   `delay_seconds`), and a DEK serves only 2,000 records, so the worker needs the KMS often.
 * `slow_destination`: the worker's Produce requests reach the broker at 2 MB/s
-  (`ProduceThrottle`, below), while fetching stays fast.
+  (`benchmarks.rigs.kafka_proxy.KafkaProxy`), while fetching stays fast.
 * `slow_destination_small_bound`: the same with ENVPIPE_MAX_INFLIGHT_BYTES at 1 MiB, below
   what the worker holds there by itself, so that its in-flight bound has to engage (the
   pause counts in the table show whether a bound engaged at all).
@@ -44,7 +44,6 @@ import json
 import math
 import random
 import signal
-import struct
 import sys
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -55,12 +54,13 @@ from typing import Any
 
 from benchmarks.load import OutputWatch, Pair, open_producer, produce
 from benchmarks.measure import Progress, machine_info, median, percentiles
+from benchmarks.rigs.kafka_proxy import KafkaProxy
+from benchmarks.rigs.kms_proxy import KmsFaultProxy
 from benchmarks.services import Child, child_environ
 from pipeline.config import MIB, Settings, env_name, load_settings
-from tests.faults import KmsFaultProxy
 from workers import dev
+from workers.contract import STATS_FILE_ENV
 from workers.runtime import run as run_async
-from workers.stream import STATS_FILE_ENV
 from workers.topics import create_topics
 
 _HOST = "127.0.0.1"
@@ -83,8 +83,6 @@ _PREFETCH_BYTES_PER_PARTITION = 6 * MIB
 _FLAT_SLOPE_MIB_PER_MIN = 2.0
 #: The client id of `benchmarks.load.open_producer`: the feeder is never throttled.
 _FEEDER_CLIENT_ID = "envpipe-bench-load"
-_PRODUCE_API_KEY = 0
-_COPY_CHUNK = 64 * 1024
 _SETTINGS_SHOWN = (
     "max_inflight_bytes",
     "max_inflight_records",
@@ -141,110 +139,6 @@ SCENARIOS = (
         destination_bytes_per_s=2e6,
     ),
 )
-
-
-# --- the slow destination ---------------------------------------------------------------------
-
-
-class ProduceThrottle:
-    """A TCP proxy in front of the broker that forwards Produce requests at `bytes_per_s`.
-
-    The broker advertises the proxy's port, so after bootstrapping every client connection
-    runs through it. Client-to-broker bytes are read as Kafka frames (a 4-byte length, then
-    the request); a Produce request (API key 0) waits until a link of `bytes_per_s` would
-    have carried it (one link shared by every connection), then goes on whole. Everything
-    else (fetches, offsets, group traffic) and every response is copied at once, so the
-    worker reads as fast as ever and only its writes crawl. The feeder's Produce requests
-    (client id `_FEEDER_CLIENT_ID`) pass unthrottled, so the source stays full.
-    """
-
-    def __init__(self, bytes_per_s: float) -> None:
-        self._bytes_per_s = bytes_per_s
-        self._link_free_at = 0.0
-        self._server: asyncio.Server | None = None
-        self._handlers: set[asyncio.Task[Any]] = set()
-        self._pumps: set[asyncio.Future[None]] = set()
-        self.upstream: tuple[str, int] | None = None
-        self.port = 0
-
-    async def start(self) -> ProduceThrottle:
-        """Listen on a free loopback port; set `upstream` before any client connects."""
-        self._server = await asyncio.start_server(self._serve, _HOST, 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def close(self) -> None:
-        """Stop listening and cut every connection."""
-        if self._server is not None:
-            self._server.close()
-        for pump in list(self._pumps):
-            pump.cancel()
-        await asyncio.gather(*self._handlers, return_exceptions=True)
-
-    async def _serve(
-        self, client_in: asyncio.StreamReader, client_out: asyncio.StreamWriter
-    ) -> None:
-        """One client connection: a pump each way until either side closes."""
-        handler = asyncio.current_task()
-        if handler is not None:
-            self._handlers.add(handler)
-        broker_out: asyncio.StreamWriter | None = None
-        try:
-            if self.upstream is None:
-                return
-            broker_in, broker_out = await asyncio.open_connection(*self.upstream)
-            pumps = {
-                asyncio.ensure_future(self._requests(client_in, broker_out)),
-                asyncio.ensure_future(_copy(broker_in, client_out)),
-            }
-            self._pumps |= pumps
-            try:
-                await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for pump in pumps:
-                    pump.cancel()
-                await asyncio.gather(*pumps, return_exceptions=True)
-                self._pumps -= pumps
-        except OSError:
-            pass
-        finally:
-            for writer in (client_out, broker_out):
-                if writer is not None:
-                    writer.transport.abort()
-            self._handlers.discard(handler)
-
-    async def _requests(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Client to broker, frame by frame; Produce frames wait for the slow link."""
-        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
-            while True:
-                length = await reader.readexactly(4)
-                request = await reader.readexactly(struct.unpack(">i", length)[0])
-                if _is_throttled(request):
-                    await self._carry(len(length) + len(request))
-                writer.write(length + request)
-                await writer.drain()
-
-    async def _carry(self, nbytes: int) -> None:
-        """Wait until the shared link has carried `nbytes` more (store and forward)."""
-        now = asyncio.get_running_loop().time()
-        self._link_free_at = max(self._link_free_at, now) + nbytes / self._bytes_per_s
-        await asyncio.sleep(self._link_free_at - now)
-
-
-def _is_throttled(request: bytes) -> bool:
-    """A Produce request from anyone but the feeder (the header's client id says who)."""
-    api_key, client_id_length = struct.unpack_from(">h6xh", request)
-    if api_key != _PRODUCE_API_KEY:
-        return False
-    client_id = request[10 : 10 + max(0, client_id_length)].decode("utf-8", "replace")
-    return client_id != _FEEDER_CLIENT_ID
-
-
-async def _copy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    with contextlib.suppress(ConnectionError):
-        while chunk := await reader.read(_COPY_CHUNK):
-            writer.write(chunk)
-            await writer.drain()
 
 
 # --- load and sampling ------------------------------------------------------------------------
@@ -442,9 +336,11 @@ class _ScenarioRun:
     async def services(self) -> tuple[dev.DevEnv, dict[str, str]]:
         """The broker and KMS behind the scenario's proxies; the worker's settings for them."""
         scenario, stack = self.scenario, self.stack
-        throttle: ProduceThrottle | None = None
+        throttle: KafkaProxy | None = None
         if scenario.destination_bytes_per_s is not None:
-            throttle = await ProduceThrottle(scenario.destination_bytes_per_s).start()
+            throttle = await KafkaProxy(
+                scenario.destination_bytes_per_s, exempt_client_id=_FEEDER_CLIENT_ID
+            ).start()
             stack.push_async_callback(throttle.close)
         state_dir = self.logs / f"{scenario.name}-services"
         env = await stack.enter_async_context(

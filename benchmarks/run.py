@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.crypto import Encryptor
+
 from benchmarks.crypto_impls import STREAM, ImplContext
 from benchmarks.crypto_stage import CryptoPlan, CryptoResults, run_crypto_stage
 from benchmarks.kms_budget import KmsBudget, measure_kms_budget
@@ -25,7 +27,6 @@ from benchmarks.pipeline_stage import Inputs, PipelinePlan, PipelineResults, Pip
 from benchmarks.report import light_load_rows, targets, write_all
 from benchmarks.services import child_environ, dev_services
 from pipeline.config import Settings, load_settings
-from pipeline.crypto import Encryptor
 from pipeline.kms.counting import CountingKms
 from workers.runtime import open_kms
 from workers.runtime import run as run_async

@@ -1,13 +1,22 @@
-"""A KMS fault proxy: an HTTP-aware asyncio proxy in front of the KMS emulator.
+"""A KMS fault proxy: an HTTP-aware asyncio proxy in front of a KMS emulator or Vault.
 
-KMS speaks JSON 1.1 over HTTP POST, with the operation in the `X-Amz-Target` header. The proxy
-reads each request whole and answers it according to its current mode:
+KMS speaks JSON 1.1 over HTTP POST, with the operation in the `X-Amz-Target` header; Vault
+speaks JSON over HTTP with the operation in the path. The proxy reads each request whole and
+answers it according to its current mode:
 
-    pass      forward to the upstream KMS and relay the answer, after `delay_seconds`
-    refuse    stop listening and drop open connections (connection refused)
-    stall     hold the request, unanswered, until the mode changes; then handle it anew
-    throttle  HTTP 400 {"__type": "ThrottlingException"}, as AWS does under load
-    internal  HTTP 500 {"__type": "KMSInternalException"}
+    pass           forward upstream and relay the answer, after `delay_seconds`
+    refuse         stop listening and drop open connections (connection refused)
+    stall          hold the request, unanswered, until the mode changes; then handle it anew
+    throttle       HTTP 400 {"__type": "ThrottlingException"}, as AWS does under load
+    internal       HTTP 500 {"__type": "KMSInternalException"}
+    disabled       HTTP 400 {"__type": "DisabledException"}: AWS's answer for a disabled key
+    invalid_state  HTTP 400 {"__type": "KMSInvalidStateException"}: a key pending deletion
+    not_found      HTTP 400 {"__type": "NotFoundException"}: a deleted or unknown key
+    access_denied  HTTP 400 {"__type": "AccessDeniedException"}
+
+moto accepts every key in every state, so the key-state answers are made here, in AWS's
+exact error shapes. With `only` set, faults hit just the requests whose operation (the
+X-Amz-Target operation, else the HTTP path) contains one of its strings; the rest pass.
 
 Being HTTP-aware matters: a plain TCP proxy could not fail requests on a pooled keep-alive
 connection, which is exactly what a client does between calls. `requests` counts what each
@@ -26,13 +35,27 @@ from collections.abc import Callable
 from typing import Literal
 from urllib.parse import urlsplit
 
-Mode = Literal["pass", "refuse", "stall", "throttle", "internal"]
+Mode = Literal[
+    "pass",
+    "refuse",
+    "stall",
+    "throttle",
+    "internal",
+    "disabled",
+    "invalid_state",
+    "not_found",
+    "access_denied",
+]
 
 _HOST = "127.0.0.1"
 _MAX_HEAD = 64 * 1024
 _ERRORS: dict[str, tuple[int, str, str]] = {
     "throttle": (400, "Bad Request", "ThrottlingException"),
     "internal": (500, "Internal Server Error", "KMSInternalException"),
+    "disabled": (400, "Bad Request", "DisabledException"),
+    "invalid_state": (400, "Bad Request", "KMSInvalidStateException"),
+    "not_found": (400, "Bad Request", "NotFoundException"),
+    "access_denied": (400, "Bad Request", "AccessDeniedException"),
 }
 
 
@@ -48,6 +71,8 @@ class KmsFaultProxy:
         #: pass mode holds every request this long first: a slow (e.g. far-away) KMS
         self.delay_seconds = 0.0
         self.requests: Counter[tuple[str, str]] = Counter()
+        #: if set, faults apply only to operations containing one of these strings
+        self.only: set[str] | None = None
         #: called with (operation, request body, response body) for each forwarded exchange
         self.observer: Callable[[str, bytes, bytes], None] | None = None
         self._changed = asyncio.Event()
@@ -123,9 +148,11 @@ class KmsFaultProxy:
 
     async def _answer(self, head: bytes, body: bytes) -> bytes | None:
         """The bytes to send back for one request; None to drop the connection."""
-        operation = _header(head, b"x-amz-target").rpartition(".")[2] or "?"
+        operation = _header(head, b"x-amz-target").rpartition(".")[2] or _path(head)
         while True:
             mode = self.mode
+            if self.only is not None and not any(part in operation for part in self.only):
+                mode = "pass"
             self.requests[(mode, operation)] += 1
             if mode != "stall":
                 break
@@ -180,6 +207,12 @@ async def _read_message(reader: asyncio.StreamReader) -> tuple[bytes, bytes] | N
         raise ValueError("chunked bodies are not supported")
     length = int(_header(head, b"content-length") or 0)
     return head, await reader.readexactly(length)
+
+
+def _path(head: bytes) -> str:
+    """The request line's path ("/v1/transit/decrypt/orders"), or "?"."""
+    parts = head.split(b"\r\n", 1)[0].split(b" ")
+    return parts[1].decode("latin-1") if len(parts) > 1 else "?"
 
 
 def _header(head: bytes, name: bytes) -> str:
