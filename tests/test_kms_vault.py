@@ -12,6 +12,7 @@ import base64
 import hashlib
 import json
 import logging
+import re
 import socket
 import ssl
 import time
@@ -346,6 +347,55 @@ async def test_forbidden_token_names_the_path(bao: Bao, caplog: pytest.LogCaptur
         assert bao.root not in shown
 
 
+def _documented_policies(wrapping: str, signing: str) -> tuple[str, str]:
+    """The encrypt and decrypt policies of docs/vault.md, for these key names."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "vault.md").read_text()
+    blocks = re.findall(r"```hcl\n(.*?)```", text, re.DOTALL)
+    assert len(blocks) == 2
+    named = [
+        block.replace("orders-signing", signing).replace("orders", wrapping) for block in blocks
+    ]
+    return named[0], named[1]
+
+
+async def test_documented_policies_are_enough_and_no_more(bao: Bao) -> None:
+    wrapping, signing = bao.key(), bao.key("ecdsa-p256")
+    encrypt_hcl, decrypt_hcl = _documented_policies(wrapping, signing)
+    encrypt_token = bao.token(encrypt_hcl)
+    encryptor = await VaultKms.connect(bao.address, encrypt_token)
+    decryptor = await VaultKms.connect(bao.address, bao.token(decrypt_hcl))
+    try:
+        key_id = await encryptor.resolve_wrapping_key(f"vault:transit:{wrapping}")
+        signing_id = await encryptor.resolve_signing_key(f"vault:transit:{signing}")
+        key = await encryptor.generate_data_key(key_id, CONTEXT)
+        digest = hashlib.sha256(b"S").digest()
+        signature = await encryptor.sign(signing_id, b"S", digest)
+        with pytest.raises(KmsAccessDeniedError, match=f"transit/decrypt/{wrapping}"):
+            await encryptor.unwrap(key_id, key.wrapped, CONTEXT)
+
+        assert await decryptor.unwrap(key_id, key.wrapped, CONTEXT) == key.plaintext
+        public_key = _public_key(await decryptor.get_public_key(signing_id))
+        public_key.verify(signature, b"S", ec.ECDSA(hashes.SHA256()))
+        with pytest.raises(KmsAccessDeniedError, match=f"transit/keys/{wrapping}"):
+            await decryptor.generate_data_key(key_id, CONTEXT)
+
+        # Shredded: the encrypt worker sees key_unavailable, and its token cannot re-create
+        # the key through encrypt (no "create"), even bypassing envpipe's own check.
+        bao.api.call("POST", f"transit/keys/{wrapping}/config", {"deletion_allowed": True})
+        bao.api.call("DELETE", f"transit/keys/{wrapping}")
+        with pytest.raises(KeyUnavailableError):
+            await encryptor.generate_data_key(key_id, CONTEXT)
+        with pytest.raises(ServiceError, match="403"):
+            bao.api.call(
+                "POST", f"transit/encrypt/{wrapping}", {"plaintext": ""}, token=encrypt_token
+            )
+        with pytest.raises(ServiceError, match="404"):
+            bao.api.call("GET", f"transit/keys/{wrapping}")
+    finally:
+        await encryptor.close()
+        await decryptor.close()
+
+
 async def test_revoked_token_is_access_denied(bao: Bao) -> None:
     token = bao.token()
     kms = await VaultKms.connect(bao.address, token, renew=False)
@@ -518,19 +568,20 @@ async def test_tls_needs_the_right_ca(
     try:
         launcher.wait_ready({child: probe}, 30, expected=(OSError,))
         environ = {"VAULT_ADDR": f"https://127.0.0.1:{port}", "VAULT_TOKEN": bao.root}
-        name = "k1"
+        key_id = "vault:transit:orders"
         trusted = await VaultKms.open(Settings(), {**environ, "VAULT_CACERT": str(ca)})
         untrusted = await VaultKms.open(Settings(), environ)
         caplog.set_level(logging.WARNING)
         unverified = await VaultKms.open(Settings(kms_verify_tls=False), environ)
         try:
-            with pytest.raises(KeyUnavailableError):  # reached it: no transit mount there
-                await trusted.resolve_wrapping_key(f"vault:transit:{name}")
+            # An answer from Vault itself (this server has no transit) proves TLS worked.
+            with pytest.raises(KeyUnavailableError, match="no transit engine is mounted"):
+                await trusted.resolve_wrapping_key(key_id)
             with pytest.raises(KmsUnavailableError, match="VAULT_CACERT") as caught:
-                await untrusted.resolve_wrapping_key(f"vault:transit:{name}")
+                await untrusted.resolve_wrapping_key(key_id)
             assert caught.value.code == "tls_error"
-            with pytest.raises(KeyUnavailableError):
-                await unverified.resolve_wrapping_key(f"vault:transit:{name}")
+            with pytest.raises(KeyUnavailableError, match="no transit engine is mounted"):
+                await unverified.resolve_wrapping_key(key_id)
         finally:
             for kms in (trusted, untrusted, unverified):
                 await kms.close()
@@ -637,8 +688,12 @@ async def test_token_and_namespace_headers_reach_the_server() -> None:
         seen.append(dict(request.headers))
         return web.json_response({"data": {"type": "ecdsa-p256", "latest_version": 3}})
 
+    async def moved(request: web.Request) -> web.Response:
+        raise web.HTTPTemporaryRedirect("/v1/transit/keys/orders")
+
     app = web.Application()
     app.router.add_get("/v1/transit/keys/orders", keys)
+    app.router.add_get("/v1/transit/keys/moved", moved)
     runner = web.AppRunner(app, shutdown_timeout=0.1)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -651,9 +706,12 @@ async def test_token_and_namespace_headers_reach_the_server() -> None:
         )
         try:
             assert await kms.resolve_signing_key("vault:transit:orders") == "vault:transit:orders:3"
+            with pytest.raises(KmsUnavailableError, match="redirect"):
+                await kms.resolve_signing_key("vault:transit:moved")
         finally:
             await kms.close()
     finally:
         await runner.cleanup()
+    assert len(seen) == 1  # the redirect was not followed, so the token went nowhere else
     assert seen[-1]["X-Vault-Token"] == "s.secret"
     assert seen[-1]["X-Vault-Namespace"] == "team/a"

@@ -365,8 +365,9 @@ class VaultKms:
         if self._namespace:
             headers["X-Vault-Namespace"] = self._namespace
         try:
+            # No redirects: following one would hand the token to whatever host it names.
             async with session.request(
-                method, self._base + path, json=payload, headers=headers
+                method, self._base + path, json=payload, headers=headers, allow_redirects=False
             ) as response:
                 status, raw = response.status, await response.read()
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:

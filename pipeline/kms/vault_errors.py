@@ -8,6 +8,7 @@ expired token is the same 403 as a missing policy. So the message decides first:
     key not found, "... (too old)", no such version KeyUnavailableError
     404 on a key path / no mount there              KeyUnavailableError
     429, 412, 502, 503, 504, other 5xx              KmsUnavailableError (retriable)
+    3xx (a standby's redirect: never followed)      KmsUnavailableError (retriable)
     500 whose message is a client error             KmsRequestError
     any other 4xx (bad tag, bad ciphertext, ...)    KmsRequestError
     timeout, refused, DNS, TLS, reset               KmsUnavailableError (retriable)
@@ -121,6 +122,11 @@ def classify_response(
     kind, message = _kind(status, lowered), said
     if 200 <= status < 300:
         message = f"{path}: the answer is not a JSON object"
+    elif 300 <= status < 400:
+        message = (
+            f"Vault redirected {path} (as a standby node does); envpipe does not follow "
+            "redirects with the token: point VAULT_ADDR at the active node or a load balancer"
+        )
     elif kind is KmsAccessDeniedError:
         message = (
             f"the Vault token may not {capability} {path}; its policy must allow "
@@ -148,7 +154,7 @@ def _kind(status: int, lowered: str) -> type[KmsError]:
         # A 404 is a key (or mount) path that does not exist; other paths never 404 here.
         return KeyUnavailableError
     client_error = status == 500 and any(marker in lowered for marker in _CLIENT_500)
-    if status in _RETRIABLE_STATUS or (status >= 500 and not client_error):
+    if status in _RETRIABLE_STATUS or 300 <= status < 400 or (status >= 500 and not client_error):
         return KmsUnavailableError
     return KmsRequestError
 
