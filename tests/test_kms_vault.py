@@ -40,6 +40,7 @@ from pipeline.errors import (
     ServiceError,
 )
 from pipeline.kms.vault import VaultKms
+from pipeline.kms.vault_env import describe_vault_credentials
 from pipeline.kms.vault_errors import DecodedResponse, classify_response
 from pipeline.kms.vault_token import TokenSource
 from pipeline.types import EncryptionContext, Kms
@@ -715,3 +716,15 @@ async def test_token_and_namespace_headers_reach_the_server() -> None:
     assert len(seen) == 1  # the redirect was not followed, so the token went nowhere else
     assert seen[-1]["X-Vault-Token"] == "s.secret"
     assert seen[-1]["X-Vault-Namespace"] == "team/a"
+
+
+def test_config_show_names_sources_not_the_token() -> None:
+    environ = {"BAO_ADDR": "https://vault:8200", "VAULT_TOKEN": "s.secret", "VAULT_CACERT": "/ca"}
+    shown = describe_vault_credentials(Settings(), environ)
+    assert "s.secret" not in shown
+    assert "VAULT_TOKEN (value redacted)" in shown
+    assert "BAO_ADDR=https://vault:8200" in shown
+    assert "VAULT_CACERT=/ca" in shown
+    shown = describe_vault_credentials(Settings(vault_token_file="/run/token"), {})
+    assert "VAULT_ADDR not set" in shown
+    assert "ENVPIPE_VAULT_TOKEN_FILE=/run/token" in shown

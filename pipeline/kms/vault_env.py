@@ -25,7 +25,32 @@ from pipeline.config import Settings
 from pipeline.errors import ConfigError
 from pipeline.kms.vault_token import TOKEN_FILE_SETTING, TokenSource
 
-__all__ = ["ConnectionSettings", "connection_settings"]
+__all__ = [
+    "VAULT_VARIABLES",
+    "ConnectionSettings",
+    "connection_settings",
+    "describe_vault_credentials",
+]
+
+#: Every environment variable the provider reads besides ENVPIPE_* settings.
+VAULT_VARIABLES = (
+    "VAULT_ADDR",
+    "BAO_ADDR",
+    "VAULT_TOKEN",
+    "BAO_TOKEN",
+    "VAULT_NAMESPACE",
+    "BAO_NAMESPACE",
+    "VAULT_CACERT",
+    "BAO_CACERT",
+    "VAULT_CAPATH",
+    "BAO_CAPATH",
+    "VAULT_CLIENT_CERT",
+    "BAO_CLIENT_CERT",
+    "VAULT_CLIENT_KEY",
+    "BAO_CLIENT_KEY",
+    "VAULT_SKIP_VERIFY",
+    "BAO_SKIP_VERIFY",
+)
 
 _log = logging.getLogger(__name__)
 
@@ -57,6 +82,35 @@ def connection_settings(settings: Settings, environ: Mapping[str, str]) -> Conne
         namespace=_first(environ, "VAULT_NAMESPACE", "BAO_NAMESPACE")[1].strip("/"),
         ssl_context=_ssl_context(settings, environ),
     )
+
+
+def describe_vault_credentials(settings: Settings, environ: Mapping[str, str]) -> str:
+    """For `config show`: which variables supply address, token, namespace and CA; no token."""
+    address = _first(environ, "VAULT_ADDR", "BAO_ADDR")
+    token_name = _first(environ, "VAULT_TOKEN", "BAO_TOKEN")[0]
+    if token_name:
+        source = f"{token_name} (value redacted)"
+    elif settings.vault_token_file:
+        source = f"ENVPIPE_VAULT_TOKEN_FILE={settings.vault_token_file}"
+    else:
+        source = "none set (VAULT_TOKEN, BAO_TOKEN or ENVPIPE_VAULT_TOKEN_FILE)"
+    parts = [
+        f"address {address[0]}={address[1]}" if address[0] else "address: VAULT_ADDR not set",
+        f"token {source}",
+    ]
+    namespace = _first(environ, "VAULT_NAMESPACE", "BAO_NAMESPACE")
+    if namespace[0]:
+        parts.append(f"namespace {namespace[0]}={namespace[1]}")
+    ca = (
+        ("ENVPIPE_KMS_CA_BUNDLE", settings.kms_ca_bundle)
+        if settings.kms_ca_bundle
+        else _first(environ, "VAULT_CACERT", "BAO_CACERT")
+    )
+    if not settings.kms_verify_tls:
+        parts.append("TLS NOT verified (ENVPIPE_KMS_VERIFY_TLS=false)")
+    elif ca[0]:
+        parts.append(f"CA {ca[0]}={ca[1]}")
+    return "; ".join(parts)
 
 
 def _address(settings: Settings, environ: Mapping[str, str]) -> str:
