@@ -15,9 +15,10 @@ from typing import Any, ClassVar, Protocol
 
 import fastavro
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from pipeline.crypto import Decryptor, Encryptor
 
 from pipeline.config import load_settings
+from pipeline.decryptor import Decryptor
+from pipeline.encryptor import Encryptor
 from pipeline.envelope import (
     ENVELOPE_SCHEMA,
     NONCE_SIZE,
@@ -26,8 +27,7 @@ from pipeline.envelope import (
     record_key_suffix,
     signed_bytes,
 )
-from pipeline.kms.counting import CountingKms
-from workers.runtime import open_kms
+from pipeline.kms import CountingKms, open_kms
 
 #: The encryption context every implementation binds (envpipe's default for stream "bench").
 STREAM = "bench"
@@ -138,7 +138,7 @@ class Envpipe:
         """Build it the way the workers do: settings from the `ENVPIPE_*` environment."""
         settings = load_settings()
         kms = CountingKms(await open_kms(settings))
-        encryptor = Encryptor.from_settings(kms, settings, stream=STREAM)
+        encryptor = await Encryptor.from_settings(kms, settings, stream=STREAM)
         decryptor = await Decryptor.from_settings(kms, settings)
         return cls(kms, encryptor, decryptor)
 
@@ -153,7 +153,7 @@ class Envpipe:
 
     async def close(self) -> None:
         await self._encryptor.close()
-        self._decryptor.close()
+        await self._decryptor.close()
         await self._kms.close()
 
 

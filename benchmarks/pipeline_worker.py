@@ -13,11 +13,14 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
+from typing import Any
+
 from pipeline.config import load_settings
 from workers import stream
+from workers.transforms import Outcome, Transform
 
 
-class Padded(stream.Transform):
+class Padded(Transform):
     """A copy plus `pad` bytes: the envelope's size without its CPU cost."""
 
     direction = "passthrough_padded"
@@ -25,9 +28,9 @@ class Padded(stream.Transform):
     def __init__(self, pad: int) -> None:
         self._pad = b"\0" * pad
 
-    async def values(self, pairs: Sequence[stream.Pair]) -> Sequence[bytes | stream.DeadLetter]:
+    async def values(self, records: Sequence[Any]) -> Sequence[Outcome]:
         pad = self._pad
-        return [value + pad for value, _ in pairs]
+        return [record.value + pad for record in records]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

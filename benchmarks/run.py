@@ -16,8 +16,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.crypto import Encryptor
-
 from benchmarks.crypto_impls import STREAM, ImplContext
 from benchmarks.crypto_stage import CryptoPlan, CryptoResults, run_crypto_stage
 from benchmarks.kms_budget import KmsBudget, measure_kms_budget
@@ -27,8 +25,8 @@ from benchmarks.pipeline_stage import Inputs, PipelinePlan, PipelineResults, Pip
 from benchmarks.report import light_load_rows, targets, write_all
 from benchmarks.services import child_environ, dev_services
 from pipeline.config import Settings, load_settings
-from pipeline.kms.counting import CountingKms
-from workers.runtime import open_kms
+from pipeline.encryptor import Encryptor
+from pipeline.kms import CountingKms, open_kms
 from workers.runtime import run as run_async
 
 _VALUE_SIZE = 1024
@@ -140,7 +138,7 @@ async def _prepare(settings: Settings) -> tuple[Inputs, bytes]:
         for index in range(_DISTINCT_RECORDS)
     ]
     kms = CountingKms(await open_kms(settings))
-    encryptor = Encryptor.from_settings(kms, settings, stream=STREAM)
+    encryptor = await Encryptor.from_settings(kms, settings, stream=STREAM)
     try:
         sealed: list[Pair] = [
             (key, await encryptor.seal(value, key)) for key, value in plain if value is not None

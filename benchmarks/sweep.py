@@ -34,8 +34,8 @@ from benchmarks.load import OutputWatch, Pair, open_producer, produce
 from benchmarks.measure import Progress, machine_info, median
 from benchmarks.services import Child, child_environ, dev_services
 from workers import dev
+from workers.contract import ASSIGNED_LOG
 from workers.runtime import run as run_async
-from workers.stream import ASSIGNED_LOG
 from workers.topics import create_topics
 
 _PARTITIONS = 6  # enough for two or three processes to share

@@ -11,13 +11,14 @@ not arrived is retriable (`HeaderPendingError`: the caller pauses and retries) f
 
 Every way a record can fail to open is one `DecryptionError` with a reason code. A service
 outage is a retriable `KmsError` instead, so a worker pauses rather than dead-lettering good
-records; access denied is not retriable and not the record's fault, so it is raised too.
+records.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -42,6 +43,8 @@ from pipeline.trust import HeaderVerifier
 from pipeline.types import EncryptionContext, HeaderSource, Kms
 
 __all__ = ["Decryptor"]
+
+log = logging.getLogger("envpipe.decrypt")
 
 Record = tuple[bytes, bytes | None]  # (value, key)
 _PLACEHOLDER = DecryptionError(Reason.MALFORMED)  # replaced before open_many returns
@@ -244,8 +247,12 @@ class Decryptor:
             dek = await self.kms.unwrap(header.kms_key_id, header.wrapped_dek, context)
         except KeyUnavailableError as exc:
             raise DecryptionError(Reason.KEY_UNAVAILABLE) from exc
-        except KmsAccessDeniedError:
-            raise  # the reader's credentials, not the record: stop and say which permission
+        except KmsAccessDeniedError as exc:
+            # One key's policy may shut this reader out (a revoked tenant) while the others
+            # still open, and AWS also answers so for some blobs it cannot read: the record
+            # is dead-lettered, and the log says which permission to grant if it was meant.
+            log.warning("an unwrap was refused (%s); dead-lettering as unwrap_failed", exc)
+            raise DecryptionError(Reason.UNWRAP_FAILED) from exc
         except KmsRequestError as exc:
             raise DecryptionError(Reason.UNWRAP_FAILED) from exc
         if len(dek) != DEK_SIZE:

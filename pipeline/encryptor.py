@@ -19,6 +19,7 @@ the DEK seals its first record; a fetch-ahead DEK is published ahead too.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import secrets
 from collections.abc import Iterable, Mapping, Sequence
@@ -82,6 +83,7 @@ class Encryptor:
         cache_size: int = 1000,
         format: Format = "v1",
         header_sink: HeaderSink | None = None,
+        cache: EncryptDekCache | None = None,
     ) -> None:
         if format == "v2" and header_sink is None:
             raise ConfigError(
@@ -92,7 +94,11 @@ class Encryptor:
         self.signing_key_id = signing_key_id
         self.stream = stream
         self.format = format
-        self.cache = EncryptDekCache(policy or DekPolicy(), max_contexts=cache_size)
+        self.cache = (
+            cache
+            if cache is not None
+            else EncryptDekCache(policy or DekPolicy(), max_contexts=cache_size)
+        )
         self._sink = header_sink
         self._verifier = HeaderVerifier(
             kms, allowed_kms_keys=KeyAllowlist(()), allowed_signing_keys=KeyAllowlist(())
@@ -223,9 +229,11 @@ class Encryptor:
             raise SealError(Reason.KEY_UNAVAILABLE, f": {slot[0]} is unavailable") from exc
 
     async def _mint(self, key_name: str, context: EncryptionContext) -> Sealer:
-        """Three service calls per DEK: generate-and-wrap, resolve the signing key, sign S."""
-        data_key = await self.kms.generate_data_key(key_name, context)
-        signing_key = await self._signing_key()
+        """Three service calls per DEK in two round trips: generate-and-wrap beside resolving
+        the signing key, then sign S."""
+        data_key, signing_key = await asyncio.gather(  # independent: one round trip for both
+            self.kms.generate_data_key(key_name, context), self._signing_key()
+        )
         dek_id = secrets.token_bytes(DEK_ID_SIZE)
         v2 = self.format == "v2"
         header = Header(

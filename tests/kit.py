@@ -13,7 +13,6 @@ import contextlib
 import json
 import os
 import random
-import socket
 import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
@@ -29,12 +28,14 @@ from aiobotocore.session import get_session
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from pipeline.crypto import Decryptor, Encryptor
+from pipeline.decryptor import Decryptor
+from pipeline.encryptor import Encryptor
 from pipeline.envelope import decode_envelope, encode_header, encode_record, signed_bytes
 from pipeline.kms import AwsKms
+from workers.contract import ERROR_HEADER, SOURCE_HEADER, STATS_FILE_ENV
 from workers.dev import DevEnv
 from workers.kafka_access import KafkaAccess
-from workers.stream import ERROR_HEADER, SOURCE_HEADER, STATS_FILE_ENV
+from workers.supervisor import Child, until
 from workers.topics import scan
 
 REPO = Path(__file__).resolve().parent.parent
@@ -198,18 +199,32 @@ def duplicates(records: Sequence[Any]) -> int:
 
 @dataclass
 class Proc:
-    """One worker subprocess, with its log and stats file."""
+    """One worker subprocess (a `workers.supervisor.Child`), with its log and stats file."""
 
     name: str
-    process: asyncio.subprocess.Process
+    child: Child
     log: Path
     stats_file: Path
 
+    @property
+    def returncode(self) -> int | None:
+        return self.child.poll()
+
+    @property
+    def pid(self) -> int:
+        return self.child.pid
+
+    def signal(self, sig: int) -> None:
+        self.child.signal(sig)
+
+    def kill(self) -> None:
+        self.child.kill()
+
     async def wait(self, within: float = 60) -> int:
-        try:
-            return await asyncio.wait_for(self.process.wait(), within)
-        except TimeoutError:
+        code = await self.child.wait(within)
+        if code is None:
             pytest.fail(f"worker {self.name} still running after {within}s:\n{self.tail()}")
+        return code
 
     def stats(self) -> dict[str, Any]:
         result: dict[str, Any] = json.loads(self.stats_file.read_text())
@@ -244,20 +259,14 @@ class Workers:
         log = self._tmp / f"{name}.log"
         stats_file = self._tmp / f"{name}.json"
         env = self.environ(**{STATS_FILE_ENV: str(stats_file), **overrides})
-        with log.open("wb") as out:
-            process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "workers.cli",
-                command,
-                *args,
-                cwd=REPO,
-                env=env,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=out,
-                stderr=out,
-            )
-        proc = Proc(name, process, log, stats_file)
+        child = Child.spawn(
+            [sys.executable, "-m", "workers.cli", command, *args],
+            name=f"worker {name}",
+            log=log,
+            env=env,
+            cwd=REPO,
+        )
+        proc = Proc(name, child, log, stats_file)
         self._procs.append(proc)
         return proc
 
@@ -275,9 +284,9 @@ class Workers:
 
     async def close(self) -> None:
         for proc in self._procs:
-            if proc.process.returncode is None:
-                proc.process.kill()
-                await proc.process.wait()
+            if proc.returncode is None:
+                proc.kill()
+                await proc.child.wait(10)
 
 
 @contextlib.asynccontextmanager
@@ -305,7 +314,9 @@ async def moto(
 
 def decryptor(kms: AwsKms, env: DevEnv) -> Decryptor:
     return Decryptor(
-        kms, allowed_kms_keys=[env.kms_key_canonical], allowed_signing_keys=[env.signing_key_canonical]
+        kms,
+        allowed_kms_keys=[env.kms_key_canonical],
+        allowed_signing_keys=[env.signing_key_canonical],
     )
 
 
@@ -388,11 +399,8 @@ async def produce_steadily(
 
 async def logged(proc: Proc, text: str, within: float = 60) -> None:
     """Wait until the worker's log contains `text` (fails with the log's tail if it never does)."""
-    deadline = asyncio.get_running_loop().time() + within
-    while text not in proc.log.read_text(errors="replace"):
-        if asyncio.get_running_loop().time() > deadline:
-            pytest.fail(f"{proc.name}: no {text!r} within {within}s:\n{proc.tail()}")
-        await asyncio.sleep(0.1)
+    if not await until(lambda: proc.child.logged(text), within, interval=0.1):
+        pytest.fail(f"{proc.name}: no {text!r} within {within}s:\n{proc.tail()}")
 
 
 async def forge(
@@ -436,10 +444,3 @@ def assert_dead_letters_by_source(
             (SOURCE_HEADER, source.encode()),
         ), source
     assert not expected
-
-
-def free_port() -> int:
-    """A loopback port that was free a moment ago (bind to 0, read it back, release it)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])

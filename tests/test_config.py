@@ -105,8 +105,9 @@ def test_cli_config_show_uses_flags_and_env() -> None:
         env={"ENVPIPE_DEK_MAX_RECORDS": "123"},
     )
     assert result.exit_code == 0, result.output
-    assert "batch_max_records            77" in result.output
-    assert "dek_max_records              123" in result.output
+    values = {line.split()[0]: line.split()[1] for line in result.output.splitlines()}
+    assert values["batch_max_records"] == "77"
+    assert values["dek_max_records"] == "123"
 
 
 def test_cli_config_show_says_where_values_came_from_and_redacts_credentials(
@@ -131,8 +132,40 @@ def test_cli_config_show_says_where_values_came_from_and_redacts_credentials(
     assert rows["linger_ms"].endswith(f"linger_ms in {config}")
     assert rows["dek_max_age_seconds"].endswith("default")
     assert "operator:***@kms.internal" in rows["kms_endpoint"]
-    assert "AWS_SECRET_ACCESS_KEY" in rows["aws_credentials"]
+    assert "AWS_SECRET_ACCESS_KEY" in rows["credentials"]
     for secret in ("hunter2", "AKIAEXAMPLEKEYID0001", "wJalrXUtnFEMI", "session-token-example"):
+        assert secret not in result.output
+
+
+@pytest.mark.parametrize(
+    ("provider", "environ", "named", "secrets"),
+    [
+        (
+            "vault",
+            {"VAULT_ADDR": "https://vault:8200", "VAULT_TOKEN": "hvs.secret-token-value"},
+            ("VAULT_TOKEN", "VAULT_ADDR"),
+            ("hvs.secret-token-value",),
+        ),
+        (
+            "pkcs11",
+            {"ENVPIPE_PKCS11_PIN": "pin-0000-secret", "ENVPIPE_PKCS11_MODULE": "/lib/p11.so"},
+            ("ENVPIPE_PKCS11_PIN", "ENVPIPE_PKCS11_MODULE"),
+            ("pin-0000-secret",),
+        ),
+    ],
+)
+def test_cli_config_show_names_each_providers_credential_sources(
+    provider: str, environ: dict[str, str], named: tuple[str, ...], secrets: tuple[str, ...]
+) -> None:
+    result = CliRunner().invoke(
+        main, ["config", "show"], env={"ENVPIPE_KMS_PROVIDER": provider, **environ}
+    )
+    assert result.exit_code == 0, result.output
+    rows = {line.split()[0]: line for line in result.output.splitlines()}
+    assert rows["credentials"].split()[1] == f"{provider}:"
+    for name in named:
+        assert name in rows["credentials"]
+    for secret in secrets:
         assert secret not in result.output
 
 

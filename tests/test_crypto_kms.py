@@ -19,7 +19,8 @@ import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from pipeline.config import load_settings
-from pipeline.crypto import Decryptor, Encryptor
+from pipeline.decryptor import Decryptor
+from pipeline.encryptor import Encryptor
 from pipeline.envelope import SCHEMA_PATH
 from pipeline.errors import DecryptionError, Reason
 from pipeline.kms.aws import AwsKms
@@ -56,7 +57,7 @@ async def kms(dev_env: DevEnv, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator
 @pytest.fixture
 async def pair(dev_env: DevEnv, kms: CountingKms) -> tuple[Encryptor, Decryptor]:
     settings = load_settings(environ=dev_env.as_environ())
-    encryptor = Encryptor.from_settings(kms, settings, stream="orders")
+    encryptor = await Encryptor.from_settings(kms, settings, stream="orders")
     decryptor = await Decryptor.from_settings(kms, settings)
     return encryptor, decryptor
 
@@ -158,7 +159,9 @@ async def test_tampering_gives_the_right_reason(
     header = avro_decode(sealed)["header"]
     other_arn = botocore_kms(dev_env).create_key()["KeyMetadata"]["Arn"]
     cases = {
-        "version": (retamper(sealed, version=2), b"key", Reason.UNKNOWN_VERSION),
+        "version": (retamper(sealed, version=3), b"key", Reason.UNKNOWN_VERSION),
+        # version 2 is v2's first byte, but a v2 record is not a v1 header and body
+        "version 2": (retamper(sealed, version=2), b"key", Reason.MALFORMED),
         "kms_key_id": (retamper(sealed, kms_key_id=other_arn), b"key", Reason.KEY_NOT_ALLOWED),
         "signing_key_id": (
             retamper(sealed, signing_key_id=other_arn),
@@ -209,14 +212,16 @@ async def test_unwrap_failure_under_a_valid_signature(
     # a header whose wrapped DEK is garbage, but properly signed by the allowlisted key
     forged = {**header, "wrapped_dek": b"\x01" * 150, "signature": b""}
     signed = avro_encode(HEADER_SCHEMA, forged)
-    forged["signature"] = await kms.sign(dev_env.signing_key_canonical, signed)
+    forged["signature"] = await kms.sign(
+        dev_env.signing_key_canonical, signed, hashlib.sha256(signed).digest()
+    )
     bad = retamper(sealed, **forged)
-    decrypts = kms.calls["Decrypt"]
+    decrypts = kms.calls["unwrap"]
     for _ in range(50):
         with pytest.raises(DecryptionError) as caught:
             await decryptor.open(bad)
         assert caught.value.reason is Reason.UNWRAP_FAILED
-    assert kms.calls["Decrypt"] - decrypts == 1, "the negative cache must absorb repeats"
+    assert kms.calls["unwrap"] - decrypts == 1, "the negative cache must absorb repeats"
 
 
 async def test_foreign_signing_key_costs_zero_kms_calls(
@@ -261,7 +266,5 @@ async def test_kms_calls_per_dek(pair: tuple[Encryptor, Decryptor], kms: Countin
     opened = await decryptor.open_many([(v, k) for v, (_, k) in zip(sealed, records, strict=True)])
     assert opened == [v for v, _ in records]
     used = kms.calls - before
-    # one DEK: GenerateDataKey + Sign (+ DescribeKey once per process for the signing ARN)
-    assert used["GenerateDataKey"] == 1
-    assert used["Sign"] == 1
-    assert used["Decrypt"] == 1
+    # one DEK: generate-and-wrap, resolve the signing alias (again, for each new DEK), sign
+    assert used == {"generate_data_key": 1, "resolve": 1, "sign": 1, "unwrap": 1}

@@ -16,8 +16,8 @@ import botocore.session
 import pytest
 
 from pipeline.errors import ServiceError
-from tests import kit
 from workers import dev
+from workers.dev.ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -213,7 +213,7 @@ def test_broker_that_never_answers_times_out_with_its_log(
         monkeypatch,
         "import os, time; print('fake broker pid', os.getpid(), flush=True); time.sleep(60)",
     )
-    kms_port = kit.free_port()
+    kms_port = free_port()
 
     with pytest.raises(ServiceError) as caught:
         dev.up(tmp_path, kms_port=kms_port, ready_timeout=1.0)

@@ -29,6 +29,7 @@ from pipeline.errors import ConfigError
 from tests import kit
 from tests.kit import IDLE, MARKER, REPO, Proc, Rec, Workers
 from workers.dev import DevEnv
+from workers.supervisor import Child
 
 if TYPE_CHECKING:
     from workers.faust_app import FaustTopics
@@ -50,8 +51,8 @@ class FaustWorker:
 
     async def stop(self) -> int:
         """SIGTERM, as an orchestrator stops it; returns the exit code."""
-        if self.proc.process.returncode is None:
-            self.proc.process.send_signal(signal.SIGTERM)
+        if self.proc.returncode is None:
+            self.proc.signal(signal.SIGTERM)
         return await self.proc.wait(30)
 
 
@@ -76,31 +77,22 @@ class Launcher:
             "FAUST_DATADIR": str(self._tmp / f"{topics.app_id}-data"),
         }
         log = self._tmp / f"{topics.app_id}.log"
-        with log.open("wb") as out:
-            process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "faust",
-                "-A",
-                "workers.faust_app",
-                "worker",
-                "-l",
-                "info",
-                cwd=REPO,
-                env=self.pool.environ(**variables),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=out,
-                stderr=out,
-            )
-        worker = FaustWorker(topics, Proc(topics.app_id, process, log, log))
+        child = Child.spawn(
+            [sys.executable, "-m", "faust", "-A", "workers.faust_app", "worker", "-l", "info"],
+            name=f"the Faust worker {topics.app_id}",
+            log=log,
+            env=self.pool.environ(**variables),
+            cwd=REPO,
+        )
+        worker = FaustWorker(topics, Proc(topics.app_id, child, log, log))
         self._started.append(worker)
         return worker
 
     async def close(self) -> None:
         for worker in self._started:
-            if worker.proc.process.returncode is None:
-                worker.proc.process.kill()
-                await worker.proc.process.wait()
+            if worker.proc.returncode is None:
+                worker.proc.kill()
+                await worker.proc.child.wait(10)
         await self.pool.close()
 
 
@@ -162,7 +154,7 @@ async def _wait_records(bootstrap: str, topic: str, at_least: int, within: float
 async def _until(faust: FaustWorker, waiting: Any) -> None:
     """Await `waiting`, or fail at once with the worker's log if the worker exits."""
     task = asyncio.ensure_future(waiting)
-    exited = asyncio.ensure_future(faust.proc.process.wait())
+    exited = asyncio.ensure_future(faust.proc.wait(600))
     try:
         await asyncio.wait({task, exited}, return_when=asyncio.FIRST_COMPLETED)
         if not task.done():
@@ -268,7 +260,7 @@ async def test_sigterm_exits_zero_with_everything_committed(dev_env: DevEnv, tri
     # One worker, one KMS client and cache for both agents: one DEK for every record.
     calls = re.search(r"KMS calls by operation: (.*)", trip.faust.proc.tail())
     assert calls is not None, trip.faust.proc.tail()
-    assert {"GenerateDataKey 1", "Sign 1", "Decrypt 1"} <= set(calls.group(1).strip().split(", "))
+    assert {"generate_data_key 1", "sign 1", "unwrap 1"} <= set(calls.group(1).strip().split(", "))
 
 
 async def test_idle_stop_exits_zero_and_writes_the_stats_file(
@@ -297,7 +289,7 @@ async def test_idle_stop_exits_zero_and_writes_the_stats_file(
     assert stats["dlq"] == 0
     assert stats["tombstones"] == sum(r.value is None for r in records)
     assert all(stats["latency_ms"][p] is not None for p in ("p50", "p99", "p999"))
-    assert {"GenerateDataKey": 1, "Sign": 1}.items() <= stats["kms_calls"].items()
+    assert {"generate_data_key": 1, "sign": 1}.items() <= stats["kms_calls"].items()
     assert stats["cache"]
     assert stats["envelope_overhead_bytes"] > 0
     assert len(stats["assigned_partitions"]) == 3

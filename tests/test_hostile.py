@@ -12,7 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.crypto import Decryptor, Encryptor
+from pipeline.decryptor import Decryptor
+from pipeline.encryptor import Encryptor
 from pipeline.errors import DecryptionError, Reason
 from pipeline.kms.counting import CountingKms
 from pipeline.kms.memory import InMemoryKms

@@ -19,7 +19,8 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from pipeline.config import Settings, load_settings
-from pipeline.crypto import Decryptor, Encryptor
+from pipeline.decryptor import Decryptor
+from pipeline.encryptor import Encryptor
 from pipeline.envelope import decode_header, encode_header
 from pipeline.errors import DecryptionError
 from pipeline.kms.aws import AwsKms
@@ -74,7 +75,7 @@ def _reencode(envelope: bytes, **changes: Any) -> bytes:
 async def sealed(dev_env: DevEnv, settings: Settings) -> Sealed:
     """Seal three records for real, add the ones a reader must refuse, produce in order."""
     kms = await AwsKms.open(endpoint_url=dev_env.kms_endpoint, region=None)
-    encryptor = Encryptor.from_settings(kms, settings, stream=STREAM)
+    encryptor = await Encryptor.from_settings(kms, settings, stream=STREAM)
     try:
         good = [await encryptor.seal(b"order %d" % n, key) for n, key in enumerate((b"k0", None))]
         good.append(await encryptor.seal(b"order 2", b"k2"))
@@ -89,7 +90,8 @@ async def sealed(dev_env: DevEnv, settings: Settings) -> Sealed:
         (_reencode(good[0], encryption_context={"envpipe:stream": "x"}), b"k0", "bad_signature"),
         (good[0][:-1], b"k0", "malformed"),  # ciphertext cut short
         (PLAINTEXT, b"k9", "malformed"),
-        (b"\x04" + good[0][1:], b"k0", "unknown_version"),  # version 2
+        (b"\x06" + good[0][1:], b"k0", "unknown_version"),  # version 3
+        (b"\x04" + good[0][1:], b"k0", "malformed"),  # version 2, but not a v2 record
         (None, b"k0", inspect.TOMBSTONE),
     ]
     topic = f"inspect-{uuid.uuid4().hex[:8]}"
@@ -145,11 +147,12 @@ def test_json_reports_every_header_field_and_verdict(
     assert lines[3]["header"]["kms_key_id"] == FOREIGN_KEY
     assert lines[4]["header"]["encryption_context"] == {"envpipe:stream": "x"}
     assert lines[5]["header"]["dek_id"] == sealed.dek_id  # the header parses, the body not
-    assert [line["header"] for line in lines[6:]] == [None] * 3
-    assert [line["verified"] for line in lines[3:]] == [False] * 6
-    assert lines[8]["value_bytes"] is None
-    assert "9 records: 1 bad_signature, 1 key_not_allowed, 2 malformed, 1 tombstone, " in err
-    assert "Decrypt 0." in err
+    assert [line["header"] for line in lines[6:]] == [None] * 4
+    assert [line["verified"] for line in lines[3:]] == [False] * 7
+    assert [line["format"] for line in lines[:6]] == ["v1"] * 6
+    assert lines[9]["value_bytes"] is None
+    assert "10 records: 1 bad_signature, 1 key_not_allowed, 3 malformed, 1 tombstone, " in err
+    assert "unwrap 0." in err
     assert dev_env.secret_access_key not in out + err
 
 
@@ -174,8 +177,8 @@ def test_text_report_is_aligned_and_shows_the_keys(
     assert "context     envpipe:stream=orders" in details[3]
     assert f"kms key     {FOREIGN_KEY}" in out
     assert "order" not in out.replace("envpipe:stream=orders", "")  # no plaintext shown
-    assert lines[-1].startswith("9 records:")
-    assert lines[-1].endswith("Decrypt 0.")
+    assert lines[-1].startswith("10 records:")
+    assert lines[-1].endswith("unwrap 0.")
 
 
 async def test_verdicts_match_the_reader_and_cost_no_decrypt(
@@ -189,8 +192,8 @@ async def test_verdicts_match_the_reader_and_cost_no_decrypt(
 
     assert [finding.verdict for finding in found] == sealed.verdicts
     assert sum(verdicts.values()) == len(sealed.values)
-    assert kms.calls["Decrypt"] == 0
-    assert set(kms.calls) <= {"DescribeKey", "GetPublicKey"}
+    assert kms.calls["unwrap"] == 0
+    assert set(kms.calls) <= {"resolve", "public_key"}
 
     # The same records through a real reader: "verified" means it opens, and a reason
     # code is the one the reader gives (a tombstone is never opened).
@@ -207,7 +210,7 @@ async def test_verdicts_match_the_reader_and_cost_no_decrypt(
         else:
             outcomes.append(inspect.VERIFIED)
     assert outcomes == sealed.verdicts
-    assert kms.calls["Decrypt"] == 1  # the reader unwrapped the one DEK; inspect none
+    assert kms.calls["unwrap"] == 1  # the reader unwrapped the one DEK; inspect none
 
 
 def test_limit_stops_early(

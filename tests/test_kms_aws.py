@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import hashlib
 import inspect
 import ipaddress
 import json
@@ -28,12 +29,20 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from pipeline.errors import ConfigError, KmsError, KmsRequestError, KmsUnavailableError
+from pipeline.errors import (
+    ConfigError,
+    KeyUnavailableError,
+    KmsAccessDeniedError,
+    KmsError,
+    KmsRequestError,
+    KmsUnavailableError,
+)
 from pipeline.kms import AwsKms
-from pipeline.types import Kms
+from pipeline.types import EncryptionContext, Kms
 from workers.dev import DevEnv
 
-CONTEXT = {"envpipe:stream": "orders", "tenant": "acme"}
+PAIRS = {"envpipe:stream": "orders", "tenant": "acme"}
+CONTEXT = EncryptionContext.of(PAIRS)
 
 
 def _free_port() -> int:
@@ -156,18 +165,17 @@ async def test_data_key_round_trip_reports_the_arn(kms: AwsKms, aws_chain: DevEn
     assert key.key_id == aws_chain.kms_key_canonical  # the ARN, never the alias we asked with
     assert len(key.plaintext) == 32
     assert key.plaintext not in key.wrapped
-    assert await kms.decrypt(key.key_id, key.wrapped, dict(reversed(CONTEXT.items()))) == (
-        key.plaintext
-    )
+    reordered = EncryptionContext.of(dict(reversed(PAIRS.items())))
+    assert await kms.unwrap(key.key_id, key.wrapped, reordered) == key.plaintext
 
 
 async def test_wrong_context_is_refused(kms: AwsKms, aws_chain: DevEnv) -> None:
     key = await kms.generate_data_key(aws_chain.kms_key_canonical, CONTEXT)
 
     with pytest.raises(KmsRequestError) as caught:
-        await kms.decrypt(key.key_id, key.wrapped, {**CONTEXT, "tenant": "evil"})
+        await kms.unwrap(key.key_id, key.wrapped, EncryptionContext.of({**PAIRS, "tenant": "evil"}))
 
-    assert caught.value.operation == "Decrypt"
+    assert caught.value.operation == "unwrap"
     assert caught.value.code == "InvalidCiphertextException"
     assert not caught.value.retriable
     _check_clean(caught.value, aws_chain, key.plaintext)
@@ -188,7 +196,7 @@ async def test_each_data_key_is_fresh_under_concurrency(aws_chain: DevEnv) -> No
 
 async def test_signature_verifies_locally(kms: AwsKms, aws_chain: DevEnv) -> None:
     message = b"header bytes S"
-    signature = await kms.sign(aws_chain.signing_key_id, message)
+    signature = await kms.sign(aws_chain.signing_key_id, message, _sha256(message))
     public_key = serialization.load_der_public_key(
         await kms.get_public_key(aws_chain.signing_key_canonical)
     )
@@ -199,31 +207,53 @@ async def test_signature_verifies_locally(kms: AwsKms, aws_chain: DevEnv) -> Non
         public_key.verify(signature, message + b"!", ec.ECDSA(hashes.SHA256()))
 
 
-async def test_resolve_key_id_returns_the_arn_once(kms: AwsKms, aws_chain: DevEnv) -> None:
+async def test_resolve_asks_for_aliases_every_time_and_never_for_arns(
+    kms: AwsKms, aws_chain: DevEnv
+) -> None:
     describe_calls: list[str] = []
     kms._client.meta.events.register(  # type: ignore[union-attr]
         "before-call.kms.DescribeKey", lambda **_: describe_calls.append("DescribeKey")
     )
 
-    for _ in range(3):
-        assert await kms.resolve_key_id(aws_chain.kms_key_id) == aws_chain.kms_key_canonical
-    assert await kms.resolve_key_id(aws_chain.kms_key_canonical) == aws_chain.kms_key_canonical
-    assert await kms.resolve_key_id(aws_chain.signing_key_id) == aws_chain.signing_key_canonical
+    for _ in range(3):  # an alias may be re-pointed at any time: no cache
+        assert await kms.resolve_wrapping_key(aws_chain.kms_key_id) == aws_chain.kms_key_canonical
+    canonical = aws_chain.kms_key_canonical
+    assert await kms.resolve_wrapping_key(canonical) == canonical
+    signing = aws_chain.signing_key_canonical
+    assert await kms.resolve_signing_key(aws_chain.signing_key_id) == signing
+    assert await kms.resolve_signing_key(signing) == signing
 
-    assert len(describe_calls) == 2  # one per alias; the ARN was learned from the first
+    assert len(describe_calls) == 4  # one per alias lookup; none for an ARN
+
+
+async def test_large_messages_are_signed_as_a_digest(kms: AwsKms, aws_chain: DevEnv) -> None:
+    """Above KMS's 4096-byte RAW limit the digest goes instead, with MessageType=DIGEST.
+
+    moto signs a DIGEST request's bytes as if they were a raw message, so only the request's
+    shape is checked here; real KMS verifies as SHA-256(S).
+    """
+    sent: list[dict[str, Any]] = []
+    kms._client.meta.events.register(  # type: ignore[union-attr]
+        "provide-client-params.kms.Sign", lambda params, **_: sent.append(dict(params))
+    )
+    small, large = b"s" * 4096, b"l" * 4097
+    await kms.sign(aws_chain.signing_key_canonical, small, _sha256(small))
+    await kms.sign(aws_chain.signing_key_canonical, large, _sha256(large))
+    assert [(p["MessageType"], len(p["Message"])) for p in sent] == [("RAW", 4096), ("DIGEST", 32)]
 
 
 async def test_unknown_alias_is_a_request_error(kms: AwsKms, aws_chain: DevEnv) -> None:
     with pytest.raises(KmsRequestError) as caught:
-        await kms.resolve_key_id("alias/does-not-exist")
-    assert (caught.value.operation, caught.value.code) == ("DescribeKey", "NotFoundException")
+        await kms.resolve_wrapping_key("alias/does-not-exist")
+    assert type(caught.value) is KeyUnavailableError
+    assert (caught.value.operation, caught.value.code) == ("resolve", "NotFoundException")
     _check_clean(caught.value, aws_chain)
 
 
 async def test_invalid_parameters_never_echo_values(kms: AwsKms, aws_chain: DevEnv) -> None:
-    leaky_context = {"tenant": b"payload-that-must-not-leak"}
+    leaky_context = EncryptionContext({"tenant": b"payload-that-must-not-leak"}, b"")  # type: ignore[dict-item]
     with pytest.raises(KmsRequestError) as caught:
-        await kms.generate_data_key(aws_chain.kms_key_id, leaky_context)  # type: ignore[arg-type]
+        await kms.generate_data_key(aws_chain.kms_key_id, leaky_context)
 
     assert caught.value.code == "ParamValidationError"
     assert "EncryptionContext" in str(caught.value)
@@ -239,7 +269,7 @@ async def test_close_is_idempotent_and_final(aws_chain: DevEnv) -> None:
     await kms.close()
 
     with pytest.raises(KmsRequestError, match="ClientClosed"):
-        await kms.resolve_key_id(aws_chain.kms_key_id)
+        await kms.resolve_wrapping_key(aws_chain.kms_key_id)
 
 
 async def test_settings_reach_the_client_config(aws_chain: DevEnv) -> None:
@@ -298,7 +328,7 @@ async def test_missing_credentials_name_the_settings(
 
     async with await _open_fake(fake_kms) as kms:
         with pytest.raises(KmsRequestError) as caught:
-            await kms.sign(aws_chain.signing_key_id, b"m")
+            await kms.sign(aws_chain.signing_key_id, b"m", _sha256(b"m"))
 
     assert caught.value.code == "NoCredentials"
     assert "AWS_ACCESS_KEY_ID" in str(caught.value)
@@ -323,7 +353,7 @@ async def test_refused_connection_is_retriable_and_quick(aws_chain: DevEnv) -> N
 
     assert time.monotonic() - start < 2
     assert caught.value.retriable
-    assert (caught.value.operation, caught.value.code) == ("GenerateDataKey", "ConnectionError")
+    assert (caught.value.operation, caught.value.code) == ("generate_data_key", "ConnectionError")
     _check_clean(caught.value, aws_chain)
 
 
@@ -331,7 +361,7 @@ async def test_slow_kms_times_out(aws_chain: DevEnv, fake_kms: FakeKms) -> None:
     fake_kms.delay = 1.0
     async with await _open_fake(fake_kms, read_timeout=0.2) as kms:
         with pytest.raises(KmsUnavailableError) as caught:
-            await kms.decrypt(aws_chain.kms_key_canonical, b"blob", CONTEXT)
+            await kms.unwrap(aws_chain.kms_key_canonical, b"blob", CONTEXT)
     assert caught.value.code == "Timeout"
     _check_clean(caught.value, aws_chain)
 
@@ -346,9 +376,11 @@ async def test_slow_kms_times_out(aws_chain: DevEnv, fake_kms: FakeKms) -> None:
         (500, "DependencyTimeoutException", KmsUnavailableError),
         (503, "SomethingNew", KmsUnavailableError),
         (429, "SomethingElse", KmsUnavailableError),
-        (400, "AccessDeniedException", KmsRequestError),
+        (400, "AccessDeniedException", KmsAccessDeniedError),
         (400, "IncorrectKeyException", KmsRequestError),
-        (400, "DisabledException", KmsRequestError),
+        (400, "DisabledException", KeyUnavailableError),
+        (400, "KMSInvalidStateException", KeyUnavailableError),
+        (400, "NotFoundException", KeyUnavailableError),
         (400, "UnrecognizedClientException", KmsRequestError),
     ],
 )
@@ -358,12 +390,14 @@ async def test_service_errors_are_classified(
     fake_kms.answer(status, error_type, "Rate exceeded")
     async with await _open_fake(fake_kms) as kms:
         with pytest.raises(KmsError) as caught:
-            await kms.sign(aws_chain.signing_key_id, b"m")
+            await kms.sign(aws_chain.signing_key_id, b"m", _sha256(b"m"))
 
     assert type(caught.value) is expected
     assert caught.value.retriable is (expected is KmsUnavailableError)
-    assert caught.value.operation == "Sign"
+    assert caught.value.operation == "sign"
     assert caught.value.code == error_type.rsplit("#", 1)[-1]
+    if expected is KmsAccessDeniedError:
+        assert "kms:Sign" in str(caught.value)  # names the permission to grant
     assert "Rate exceeded" in str(caught.value)
     _check_clean(caught.value, aws_chain)
 
@@ -383,11 +417,15 @@ async def test_max_attempts_counts_the_first_try(
     fake_kms.answer(500, "KMSInternalException")
     async with await _open_fake(fake_kms, max_attempts=max_attempts) as kms:
         with pytest.raises(KmsUnavailableError):
-            await kms.resolve_key_id(aws_chain.kms_key_id)
+            await kms.resolve_wrapping_key(aws_chain.kms_key_id)
     assert fake_kms.requests == max_attempts
 
 
 # --- TLS verification -------------------------------------------------------------------------
+
+
+def _sha256(message: bytes) -> bytes:
+    return hashlib.sha256(message).digest()
 
 
 def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
@@ -430,7 +468,7 @@ async def test_tls_is_verified_by_default(aws_chain: DevEnv, tmp_path: Path) -> 
     try:
         async with await _open_fake(fake) as kms:
             with pytest.raises(KmsUnavailableError) as caught:
-                await kms.sign(aws_chain.signing_key_id, b"m")
+                await kms.sign(aws_chain.signing_key_id, b"m", _sha256(b"m"))
             assert caught.value.code == "TLSError"
             assert fake.requests == 0
 
@@ -438,7 +476,7 @@ async def test_tls_is_verified_by_default(aws_chain: DevEnv, tmp_path: Path) -> 
             endpoint_url=fake.url, region="us-east-1", verify=str(cert_path), max_attempts=1
         ) as kms:
             with pytest.raises(KmsUnavailableError) as caught:
-                await kms.sign(aws_chain.signing_key_id, b"m")
+                await kms.sign(aws_chain.signing_key_id, b"m", _sha256(b"m"))
             assert caught.value.code == "ThrottlingException"  # trusted: the request got through
     finally:
         await runner.cleanup()

@@ -19,6 +19,7 @@ from pipeline.histogram import Histogram
 from tests import kit
 from tests.kit import Rec, Workers
 from workers.dev import DevEnv
+from workers.dev.ports import free_port
 from workers.metrics import METRIC_FAMILIES, MetricsServer, Snapshot
 
 
@@ -69,7 +70,7 @@ async def test_scraping_running_workers(dev_env: DevEnv, workers: Workers) -> No
     await kit.create_topic(bootstrap, plain)
     count = 2_000
     await kit.produce(bootstrap, plain, kit.keyed(count, 300))
-    encrypt_port, decrypt_port = kit.free_port(), kit.free_port()
+    encrypt_port, decrypt_port = free_port(), free_port()
     encrypt = await workers.encrypt(
         plain, enc, kit.name("g"), name="enc", ENVPIPE_METRICS_PORT=str(encrypt_port)
     )
@@ -85,9 +86,20 @@ async def test_scraping_running_workers(dev_env: DevEnv, workers: Workers) -> No
     assert _value(sealed, "envpipe_records_total", direction="encrypt", outcome="dlq") == 0
     assert _value(sealed, "envpipe_record_seconds_count", direction="encrypt") == count
     assert _value(sealed, "envpipe_end_to_end_seconds_count", direction="encrypt") == count
-    assert _value(sealed, "envpipe_kms_requests_total", operation="GenerateDataKey", outcome="ok")
-    assert _value(sealed, "envpipe_kms_requests_total", operation="Sign", outcome="ok") == 1
-    assert _value(sealed, "envpipe_kms_request_seconds_count", operation="Sign") == 1
+    assert _value(
+        sealed,
+        "envpipe_kms_requests_total",
+        provider="aws",
+        operation="generate_data_key",
+        outcome="ok",
+    )
+    assert (
+        _value(sealed, "envpipe_kms_requests_total", provider="aws", operation="sign", outcome="ok")
+        == 1
+    )
+    assert (
+        _value(sealed, "envpipe_kms_request_seconds_count", provider="aws", operation="sign") == 1
+    )
     hits = _value(sealed, "envpipe_dek_cache_events_total", cache="encrypt", event="hit")
     misses = _value(sealed, "envpipe_dek_cache_events_total", cache="encrypt", event="miss")
     assert (hits, misses) == (count - 1, 1)  # the first record waited for the first DEK
@@ -113,12 +125,17 @@ async def test_scraping_running_workers(dev_env: DevEnv, workers: Workers) -> No
         lambda s: _value(s, "envpipe_records_total", direction="decrypt", outcome="ok") == count,
     )
     assert _value(opened, "envpipe_records_total", direction="decrypt", outcome="dlq") == 2
-    assert _value(opened, "envpipe_kms_requests_total", operation="Decrypt", outcome="ok") == 1
+    assert (
+        _value(
+            opened, "envpipe_kms_requests_total", provider="aws", operation="unwrap", outcome="ok"
+        )
+        == 1
+    )
     assert _value(opened, "envpipe_dek_cache_events_total", cache="decrypt", event="miss") == 1
     assert (await asyncio.to_thread(_get, decrypt_port, "/nope"))[0] == 404
 
     for proc in (encrypt, decrypt):
-        proc.process.send_signal(signal.SIGTERM)
+        proc.signal(signal.SIGTERM)
         assert await proc.wait(30) == 0, proc.tail()
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hashlib
 import json
 import os
 import random
@@ -37,10 +38,10 @@ from typing import Any
 
 import pytest
 
-from pipeline.crypto import Encryptor
+from benchmarks.rigs.kms_proxy import KmsFaultProxy
+from pipeline.encryptor import Encryptor
 from pipeline.envelope import VERSION_HEADER, decode_envelope, encode_long
 from tests import kit
-from tests.faults import KmsFaultProxy
 from tests.kit import MARKER, Proc, Rec, Tail, Workers
 from workers import dev
 from workers.dev import DevEnv
@@ -249,7 +250,7 @@ async def test_repeated_kill_9_of_both_workers_loses_nothing(
                 role = rng.choice(ready)
                 await asyncio.sleep(rng.uniform(0.2, 3.0))
                 victim = procs[role]
-                victim.process.kill()
+                victim.kill()
                 assert await victim.wait(10) == -signal.SIGKILL
                 done, todo = follow.count(outputs[role]), follow.count(upstream[role])
                 kills.append(
@@ -278,7 +279,7 @@ async def test_repeated_kill_9_of_both_workers_loses_nothing(
                 pytest.fail(f"{missing} records never arrived decrypted: {logs}")
             await asyncio.sleep(1.0)
     for proc in procs.values():
-        proc.process.send_signal(signal.SIGTERM)
+        proc.signal(signal.SIGTERM)
     for proc in procs.values():
         assert await proc.wait(60) == 0, proc.tail()
 
@@ -382,10 +383,12 @@ async def test_forged_headers_cost_no_kms_call_and_bad_deks_one_per_header(
         ]["Arn"]
 
         async def ours(message: bytes) -> bytes:
-            return await kms.sign(dev_env.signing_key_canonical, message)
+            return await kms.sign(
+                dev_env.signing_key_canonical, message, hashlib.sha256(message).digest()
+            )
 
         async def theirs(message: bytes) -> bytes:
-            return await kms.sign(foreign_signer, message)
+            return await kms.sign(foreign_signer, message, hashlib.sha256(message).digest())
 
         sealers = {
             "good": kit.encryptor(kms, dev_env, enc),
@@ -511,7 +514,7 @@ async def test_forged_headers_cost_no_kms_call_and_bad_deks_one_per_header(
     assert Counter((r.key, r.value) for r in opened) == Counter((r.key, r.value) for r in good)
     stats = worker.stats()
     assert stats["dlq"] == len(bad)
-    assert stats["kms_calls"].get("Decrypt", 0) == ledger.calls["Decrypt"]
+    assert stats["kms_calls"].get("unwrap", 0) == ledger.calls["Decrypt"]
 
 
 def _xor(data: bytes, variant: int) -> bytes:
@@ -555,7 +558,8 @@ async def test_injected_plaintext_and_moved_envelopes_go_to_the_dlq_only(
         ("malformed", Rec(None, plain, version)),
         ("malformed", Rec(b"inj-empty", b"", version)),
         ("malformed", Rec(b"inj-v1-prefix", b"\x02" + plain, version)),  # varint 1 = v1
-        ("unknown_version", Rec(b"inj-v2-prefix", b"\x04" + plain, version)),
+        ("malformed", Rec(b"inj-v2-prefix", b"\x04" + plain, version)),  # varint 2 = v2
+        ("unknown_version", Rec(b"inj-v3-prefix", b"\x06" + plain, version)),  # a future one
         ("malformed", Rec(b"inj-after-header", header_bytes + plain, version)),
         (  # a genuine header, the plaintext framed as nonce + ciphertext: the tag fails
             "bad_tag",

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 import logging
 import os
@@ -40,12 +41,12 @@ from typing import Any
 
 import pytest
 
+from benchmarks.rigs.kms_proxy import KmsFaultProxy, Mode
 from tests import kit
-from tests.faults import KmsFaultProxy, Mode
 from tests.kit import MARKER, REPO, Proc, Rec, Tail, Workers
+from workers.contract import SOURCE_HEADER
 from workers.dev import DevEnv
 from workers.runtime import JSON_LOG_FIELDS, JsonFormatter
-from workers.stream import SOURCE_HEADER
 
 # Distinctive credentials. The access key id is not 20 upper-case characters, so moto keeps
 # its default account and the dev keys stay visible (see workers/dev.py).
@@ -235,7 +236,9 @@ async def test_no_secret_or_payload_in_logs_stats_dlq_or_topics(
         async with kit.moto(dev_env, proxy.endpoint) as (kms, _):
 
             async def sign(message: bytes) -> bytes:
-                return await kms.sign(dev_env.signing_key_canonical, message)
+                return await kms.sign(
+                    dev_env.signing_key_canonical, message, hashlib.sha256(message).digest()
+                )
 
             bad_dek = await kit.forge(sample.value, sign=sign, wrapped_dek=b"\x01" * 150)
         bad = [

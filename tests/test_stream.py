@@ -9,6 +9,7 @@ carry unique keys, so "nothing lost" is a set comparison and duplicates can be c
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import math
 import random
 import signal
@@ -18,14 +19,15 @@ from typing import Any
 
 import pytest
 
+from benchmarks.rigs.kms_proxy import KmsFaultProxy
 from pipeline.envelope import VERSION_HEADER, decode_header
-from pipeline.errors import KmsUnavailableError
+from pipeline.errors import KeyUnavailableError, KmsUnavailableError
+from pipeline.types import EncryptionContext
 from tests import kit
-from tests.faults import KmsFaultProxy
 from tests.kit import IDLE, MARKER, Rec, Tail, Workers
+from workers.contract import ERROR_HEADER, SOURCE_HEADER
 from workers.dev import DevEnv
 from workers.stats import Histogram
-from workers.stream import ERROR_HEADER, SOURCE_HEADER
 
 # --- the histogram ---------------------------------------------------------------------------
 
@@ -52,23 +54,38 @@ async def test_fault_proxy_modes_reach_the_client_as_retriable_errors(dev_env: D
         KmsFaultProxy(dev_env.kms_endpoint) as proxy,
         kit.moto(dev_env, proxy.endpoint, attempts=1) as (kms, _),
     ):
-        arn = await kms.resolve_key_id(dev_env.kms_key_id)
+        arn = await kms.resolve_wrapping_key(dev_env.kms_key_id)
         assert arn == dev_env.kms_key_canonical
+        context = EncryptionContext.of({"envpipe:stream": "s"})
         for mode, code in [("throttle", "ThrottlingException"), ("internal", "KMSInternal")]:
             await proxy.set_mode(mode)  # type: ignore[arg-type]
             with pytest.raises(KmsUnavailableError, match=code):
-                await kms.generate_data_key(arn, {"envpipe:stream": "s"})
+                await kms.generate_data_key(arn, context)
+        # AWS's answers for a key that is switched off: not retriable, `key_unavailable`
+        proxy.only = {"Decrypt"}
+        for mode, code in [
+            ("disabled", "DisabledException"),
+            ("invalid_state", "KMSInvalidStateException"),
+            ("not_found", "NotFoundException"),
+        ]:
+            await proxy.set_mode(mode)  # type: ignore[arg-type]
+            key = await kms.generate_data_key(arn, context)  # not Decrypt: passes
+            with pytest.raises(KeyUnavailableError, match=code) as caught:
+                await kms.unwrap(arn, key.wrapped, context)
+            assert not caught.value.retriable
+        proxy.only = None
         await proxy.set_mode("refuse")
         with pytest.raises(KmsUnavailableError, match="ConnectionError"):
-            await kms.sign(dev_env.signing_key_canonical, b"m")
+            await kms.sign(dev_env.signing_key_canonical, b"m", hashlib.sha256(b"m").digest())
         await proxy.set_mode("stall")
-        call = asyncio.ensure_future(kms.generate_data_key(arn, {"envpipe:stream": "s"}))
+        call = asyncio.ensure_future(kms.generate_data_key(arn, context))
         await asyncio.sleep(0.5)
         assert not call.done()
         await proxy.set_mode("pass")
         assert (await asyncio.wait_for(call, 5)).key_id == arn
     assert proxy.count("stall", "GenerateDataKey") == 1
     assert proxy.count("throttle") == proxy.count("internal") == 1
+    assert proxy.count("disabled", "Decrypt") == proxy.count("not_found", "Decrypt") == 1
 
 
 # --- 1. the round trip -----------------------------------------------------------------------
@@ -124,8 +141,8 @@ async def test_encrypt_then_decrypt_returns_every_record(dev_env: DevEnv, worker
         assert 0 < stats["latency_ms"]["p50"] <= stats["latency_ms"]["p99"]
         assert stats["envelope_overhead_bytes"] > 300
         assert stats["cache"]["hit"] > 0
-    assert encrypt.stats()["kms_calls"]["GenerateDataKey"] >= 1
-    assert decrypt.stats()["kms_calls"]["Decrypt"] >= 1
+    assert encrypt.stats()["kms_calls"]["generate_data_key"] >= 1
+    assert decrypt.stats()["kms_calls"]["unwrap"] >= 1
     assert decrypt.stats()["pauses"]["backpressure"] > 1
 
 
@@ -153,7 +170,7 @@ async def _interrupt_encrypt(bootstrap: str, workers: Workers, sig: signal.Signa
     first = await workers.encrypt(plain, enc, group, "--batch-max-records", "100", name="first")
     async with Tail(bootstrap, enc) as tail:
         written = await tail.wait_for(3_000, within=60)
-        first.process.send_signal(sig)
+        first.signal(sig)
     exit_code = await first.wait(45)
     assert written < len(originals), f"the worker finished before {sig.name}"
     return Interrupted(plain, enc, group, originals, written, exit_code)
@@ -219,7 +236,7 @@ async def test_encrypt_rides_out_a_kms_outage(dev_env: DevEnv, workers: Workers)
                 await proxy.set_mode(mode)
                 assert await tail.poll(seconds) == stalled
                 assert proxy.count(mode) > 0, f"the worker made no KMS call while in {mode}"
-        assert worker.process.returncode is None
+        assert worker.returncode is None
 
         await proxy.set_mode("pass")
         assert await worker.wait(90) == 0, worker.tail()
@@ -323,7 +340,8 @@ async def test_bad_records_are_dead_lettered_and_good_ones_arrive(
         ("bad_signature", Rec(b"bad-wrapped-dek", kit.flip(value, wrapped_at), headers)),
         ("bad_signature", Rec(b"bad-signature", kit.flip(value, signature_at), headers)),
         ("malformed", Rec(b"bad-version-byte", kit.flip(value, 0), headers)),  # version -2
-        ("unknown_version", Rec(b"bad-future", b"\x04" + value[1:], headers)),  # version 2
+        ("unknown_version", Rec(b"bad-future", b"\x06" + value[1:], headers)),  # version 3
+        ("malformed", Rec(b"bad-not-v2", b"\x04" + value[1:], headers)),  # v2's byte, v1's body
         ("malformed", Rec(b"bad-plaintext", b'{"card": "4111 1111 1111 1111"}', (("n", b"p"),))),
         ("key_not_allowed", Rec(b"bad-foreign", foreign_value, headers)),
     ]

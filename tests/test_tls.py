@@ -1,7 +1,7 @@
 """Kafka over TLS: the settings, the errors a user meets, and the workers end to end.
 
 The embedded Tansu broker cannot serve TLS itself, so these tests start one of their own that
-advertises the port of a TLS terminator (tests/tlsproxy.py) in front of it, as a load
+advertises the port of a TLS terminator (benchmarks/rigs/tls.py) in front of it, as a load
 balancer would sit in front of a real broker. Every test starts its own terminator on that
 port, with the certificates it needs; all of them are generated here, per module.
 """
@@ -21,11 +21,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from benchmarks.rigs.tls import Issued, TestCa, TlsTerminator
 from pipeline.config import env_name, load_settings
 from pipeline.errors import ConfigError
 from tests import kit
 from tests.kit import IDLE, MARKER, Rec, Workers
-from tests.tlsproxy import Issued, TestCa, TlsTerminator
 from workers import dev, topics
 from workers.cli import main
 from workers.kafka_access import KafkaAccess

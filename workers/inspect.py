@@ -75,17 +75,21 @@ async def examine(
     """
     if value is None:
         return TOMBSTONE, None, ""
+    v2 = value[:1] == bytes((envelope_v2.FIRST_BYTE,))
     try:
-        if value[:1] == bytes((envelope_v2.FIRST_BYTE,)):
-            header, form = _v2_header(value, headers), "v2"
+        if v2:
+            header, length = _v2_header(value, headers), 0
         else:
             header, length = decode_header(value)
-            split_body(value, length)
-            form = "v1"
     except DecryptionError as exc:
         return exc.reason.value, None, ""
     reason = await decryptor.check_header(header)
-    return (VERIFIED if reason is None else reason.value), header, form
+    if reason is None and not v2:
+        try:
+            split_body(value, length)  # the header may be sound and the body not
+        except DecryptionError as exc:
+            reason = exc.reason
+    return (VERIFIED if reason is None else reason.value), header, "v2" if v2 else "v1"
 
 
 def _v2_header(value: bytes, headers: HeaderSource | None) -> Header:
@@ -108,13 +112,17 @@ async def inspect_topic(
     verdicts: Counter[str] = Counter()
     kafka = KafkaAccess.from_settings(settings)
     decryptor = await Decryptor.from_settings(kms, settings)
-    keys = await KeysTopicReader.open(
-        keys_topic_of(topic, settings.keys_topic), follow=False, **kafka.client_kwargs()
-    )
+    keys: KeysTopicReader | None = None  # loaded at the first v2 record
     records = topics.scan(kafka, topic, client_id="envpipe-inspect", limit=limit)
     async with contextlib.aclosing(records):  # stops the consumer even if `emit` fails
         async for batch in records:
             for record in batch:
+                if keys is None and (record.value or b"")[:1] == bytes((envelope_v2.FIRST_BYTE,)):
+                    keys = await KeysTopicReader.open(
+                        keys_topic_of(topic, settings.keys_topic),
+                        follow=False,
+                        **kafka.client_kwargs(),
+                    )
                 verdict, header, form = await examine(decryptor, record.value, keys)
                 verdicts[verdict] += 1
                 emit(
@@ -131,7 +139,8 @@ async def inspect_topic(
                         format=form,
                     )
                 )
-    await keys.close()
+    if keys is not None:
+        await keys.close()
     return verdicts
 
 
@@ -212,12 +221,12 @@ class _TextReport:
         )
         header = finding.header
         if header is not None:
-            print(f"{_INDENT}{'format':<12}{finding.format}")
             for label, shown in (
                 ("kms key", header.kms_key_id),
                 ("signing key", header.signing_key_id),
                 ("dek id", header.dek_id.hex()),
                 ("context", _context(header.encryption_context)),
+                ("format", finding.format),
             ):
                 print(f"{_INDENT}{label:<12}{shown}")
 

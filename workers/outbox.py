@@ -19,11 +19,9 @@ from typing import Any
 from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
+from pipeline.errors import RecordTooLarge
+
 Headers = Sequence[tuple[str, bytes]]
-
-
-class RecordTooLarge(Exception):
-    """The record alone is larger than the producer's max request size."""
 
 
 class Outbox:

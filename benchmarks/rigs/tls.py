@@ -206,8 +206,8 @@ class TlsTerminator:
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
+        if task is not None:
+            self._tasks.add(task)
         self._writers.add(writer)
         self.connections += 1
         try:
@@ -276,7 +276,7 @@ class _ServerTls:
         while True:
             try:
                 self._tls.do_handshake()
-                return
+                return  # noqa: TRY300 - the finally must flush on success too
             except ssl.SSLWantReadError:
                 pass
             finally:
