@@ -9,7 +9,7 @@ Sessions and threads: every call runs in a bounded pool (`kms_max_connections` t
 never on the event loop; each thread opens its own session on first use and keeps it, the
 token is logged in once, and calls into the module are serialised by a per-module lock,
 because python-pkcs11 initialises modules without locking callbacks (`pkcs11_token`). Objects
-are found by label on every call (a search costs ~0.1 ms on SoftHSM2), so a re-labelled or
+are found by label on every call (well under a millisecond on SoftHSM2), so a re-labelled or
 destroyed key is noticed at once and no handle cache can go stale.
 """
 
