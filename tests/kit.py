@@ -190,6 +190,15 @@ def keyed(n: int, size: int, prefix: str = "k") -> list[Rec]:
     ]
 
 
+def running(pid: int) -> bool:
+    """Whether the PID is a live process (a zombie awaiting its reaper does not count)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
+
+
 def duplicates(records: Sequence[Any]) -> int:
     return sum(n - 1 for n in Counter(record.key for record in records).values())
 

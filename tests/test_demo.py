@@ -22,8 +22,10 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from pipeline.envelope import VERSION_HEADER
-from tests.test_dev import _running
-from workers import demo, topics
+from tests import kit
+from workers import topics
+from workers.demo import samples
+from workers.demo.verify import verify
 from workers.dev import DevEnv
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,14 +41,14 @@ def _processes_in(folder: Path) -> list[int]:
             cwd = os.readlink(entry / "cwd")
         except OSError:
             continue
-        if Path(cwd) == folder and _running(int(entry.name)):
+        if Path(cwd) == folder and kit.running(int(entry.name)):
             found.append(int(entry.name))
     return found
 
 
 def _started_pids(stderr: str) -> list[int]:
     """The broker, KMS and worker PIDs the demo announced."""
-    services = re.search(r"\(pid (\d+)\), KMS .* \(pid (\d+)\)", stderr)
+    services = re.search(r"\(broker pid (\d+), kms pid (\d+)\)", stderr)
     workers = re.search(r"workers \(pids (\d+), (\d+);", stderr)
     assert services, stderr
     assert workers, stderr
@@ -119,7 +121,7 @@ def test_demo_passes_and_leaves_nothing_running(tmp_path: Path) -> None:
     assert "AWS_SECRET_ACCESS_KEY" not in out + done.stderr
     assert "envpipe-dev-not-a-secret" not in out + done.stderr  # the dev credentials
 
-    assert not any(_running(pid) for pid in _started_pids(done.stderr))
+    assert not any(kit.running(pid) for pid in _started_pids(done.stderr))
     assert _processes_in(state_dir) == []
     assert not (state_dir / "state.json").exists()
     stats = orjson.loads((state_dir / "decrypt-stats.json").read_bytes())
@@ -154,28 +156,28 @@ def test_interrupted_demo_stops_everything(tmp_path: Path, sig: signal.Signals) 
             break
     time.sleep(3)
     pids = _started_pids("".join(seen))
-    assert all(_running(pid) for pid in pids)
+    assert all(kit.running(pid) for pid in pids)
 
     process.send_signal(sig)
     _, rest = process.communicate(timeout=90)
 
     assert process.returncode == 128 + sig, "".join(seen) + rest
     assert "interrupted; the embedded services are stopped" in rest
-    assert not any(_running(pid) for pid in pids)
+    assert not any(kit.running(pid) for pid in pids)
     assert _processes_in(state_dir) == []
 
 
 def test_sample_records_are_deterministic_and_varied() -> None:
-    records = list(demo.sample_records(2_000))
+    records = list(samples.sample_records(2_000))
 
-    assert records == list(demo.sample_records(2_000))
+    assert records == list(samples.sample_records(2_000))
     assert sum(value is None for _, value, _ in records) == 2  # tombstones, keyed
     assert sum(key is None for key, _, _ in records) == 20
     assert all(key is not None for key, value, _ in records if value is None)
     assert Counter(len(headers) for _, _, headers in records) == {2: 1_800, 0: 200}
     for _, value, _ in records:
         if value is not None:
-            assert demo.PLAINTEXT_MARKER in value
+            assert samples.PLAINTEXT_MARKER in value
             order = orjson.loads(value)
             assert order["total_cents"] == sum(i["qty"] * i["price_cents"] for i in order["items"])
 
@@ -184,14 +186,14 @@ async def test_verification_catches_changes_and_leaks(dev_env: DevEnv) -> None:
     """The verifier must fail on a changed header, a lost record and plaintext in the
     encrypted topic, or its PASSED would mean nothing."""
     prefix = f"verify-{uuid.uuid4().hex[:8]}"
-    names = demo.Topics(
+    names = samples.Topics(
         source=f"{prefix}.src",
         encrypted=f"{prefix}.enc",
         decrypted=f"{prefix}.dec",
         dlq=f"{prefix}.dlq",
     )
     await topics.create_topics(dev_env.bootstrap_servers, names.all, partitions=1)
-    source = list(demo.sample_records(5))
+    source = list(samples.sample_records(5))
     decrypted = list(source)
     decrypted[1] = (decrypted[1][0], decrypted[1][1], (("content-type", b"text/plain"),))
     del decrypted[2]
@@ -206,7 +208,7 @@ async def test_verification_catches_changes_and_leaks(dev_env: DevEnv) -> None:
     finally:
         await producer.stop()
 
-    result = await demo.verify(dev_env.bootstrap_servers, names, expected=5)
+    result = await verify(dev_env.bootstrap_servers, names, expected=5)
 
     assert not result.passed
     assert (result.source, result.encrypted, result.decrypted) == (5, 1, 4)

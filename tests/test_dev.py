@@ -16,19 +16,11 @@ import botocore.session
 import pytest
 
 from pipeline.errors import ServiceError
+from tests import kit
 from workers import dev
 from workers.dev.ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _running(pid: int) -> bool:
-    """Whether the PID is a live process (a zombie awaiting its reaper does not count)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
 
 
 def _bindable(port: int) -> bool:
@@ -116,11 +108,11 @@ def test_services_outlive_up_and_down_removes_everything(tmp_path: Path) -> None
     env = dev.load(tmp_path)  # the process that started them has exited
     pids = (env.broker_pid, env.kms_pid)
     ports = (_port(env.bootstrap_servers), _port(env.kms_endpoint))
-    assert all(_running(pid) for pid in pids)
+    assert all(kit.running(pid) for pid in pids)
 
     assert dev.down(tmp_path) is True
 
-    assert not any(_running(pid) for pid in pids)
+    assert not any(kit.running(pid) for pid in pids)
     assert all(_bindable(port) for port in ports)
     assert not (tmp_path / "state.json").exists()
     assert not (tmp_path / "dev.env").exists()
@@ -143,12 +135,12 @@ def test_down_never_signals_a_recycled_pid(tmp_path: Path) -> None:
     state_file.write_text(json.dumps(state))
 
     assert dev.down(tmp_path) is True  # the broker, which still matched
-    assert not _running(env.broker_pid)
-    assert _running(env.kms_pid)
+    assert not kit.running(env.broker_pid)
+    assert kit.running(env.kms_pid)
 
     state_file.write_text(original)  # the true record again, so down can stop the KMS
     assert dev.down(tmp_path) is True
-    assert not _running(env.kms_pid)
+    assert not kit.running(env.kms_pid)
 
 
 # --- errors ----------------------------------------------------------------------------------
@@ -223,7 +215,7 @@ def test_broker_that_never_answers_times_out_with_its_log(
     assert str(tmp_path / "broker.log") in message
     found = re.search(r"fake broker pid (\d+)", message)
     assert found, message
-    assert not _running(int(found[1]))  # the fake broker was stopped
+    assert not kit.running(int(found[1]))  # the fake broker was stopped
     assert _bindable(kms_port)  # and so was the KMS started beside it
     assert not (tmp_path / "state.json").exists()
 

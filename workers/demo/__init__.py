@@ -103,9 +103,9 @@ async def _demo(env: dev.DevEnv, folder: Path, count: int, format_name: str) -> 
     environ = worker_environ({**env.as_environ(), "ENVPIPE_FORMAT": format_name})
     workers = start_workers(names, environ, folder)
     say(
-        f"started the encrypt and decrypt workers (format {format_name}; pids "
+        "started the encrypt and decrypt workers (pids "
         + ", ".join(str(worker.child.pid) for worker in workers)
-        + f"; logs in {folder})"
+        + f"; format {format_name}; logs in {folder})"
     )
     try:
         produced = await run_pipeline(env.bootstrap_servers, names, count, workers)
