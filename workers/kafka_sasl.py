@@ -8,6 +8,10 @@ aiokafka `AbstractTokenProvider` subclass (built with no arguments) or instance.
 
 aiokafka logs each SaslAuthenticate request at DEBUG, PLAIN's password and OAUTHBEARER's token
 included; `redact_sasl_logs` (installed with any SASL credentials) cuts those payloads out.
+aiokafka 0.14 also takes a refused OAUTHBEARER token for a login: Kafka answers it with an
+RFC 7628 error challenge and waits for the client's %x01, which aiokafka never sends, so the
+connection is left half-open and every request after it fails obscurely. `_answer_oauth_errors`
+(installed with OAUTHBEARER) sends it, so the broker fails the login with an error instead.
 
 The password file is read once, here: aiokafka keeps the password it was built with, so a
 rotated password takes effect when the worker restarts (Kafka keeps accepting the old SCRAM
@@ -22,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiokafka.conn
 from aiokafka.abc import AbstractTokenProvider
 
 from pipeline.config import Settings, env_name
@@ -107,11 +112,32 @@ def redact_sasl_logs() -> None:
         logger.addFilter(_REDACTION)
 
 
+class _OAuthAnsweringErrors(aiokafka.conn.OAuthAuthenticator):  # type: ignore[misc]
+    """aiokafka's OAUTHBEARER client, plus RFC 7628 section 3.2.3: a server message after the
+    token is an error challenge, answered with %x01 so the broker ends the login with an error."""
+
+    async def step(self, payload: bytes | None) -> tuple[bytes, bool] | None:
+        if self._token_sent and payload and not getattr(self, "_answered", False):
+            self._answered = True
+            return b"\x01", True
+        result: tuple[bytes, bool] | None = await super().step(payload)
+        return result
+
+
+def _answer_oauth_errors() -> None:
+    """Install `_OAuthAnsweringErrors` where aiokafka's connection builds its authenticator,
+    only while that is still the very class it extends (idempotent)."""
+    if aiokafka.conn.OAuthAuthenticator is _OAuthAnsweringErrors.__mro__[1]:
+        aiokafka.conn.OAuthAuthenticator = _OAuthAnsweringErrors
+
+
 def sasl_credentials(settings: Settings) -> SaslCredentials | None:
     """The SASL credentials the settings ask for; ConfigError naming the setting if wrong."""
     credentials = _credentials(settings)
     if credentials is not None:
         redact_sasl_logs()
+        if credentials.mechanism == "OAUTHBEARER":
+            _answer_oauth_errors()
     return credentials
 
 

@@ -4,7 +4,10 @@ One JVM is both controller and broker (`process.roles=broker,controller`), on lo
 
     PLAINTEXT       the bootstrap port; its principal, User:ANONYMOUS, is a super user
     SASL_PLAINTEXT  PLAIN, SCRAM-SHA-256 and SCRAM-SHA-512, for the users `admin` (a super
-                    user) and `envpipe` (authenticated, but granted nothing: no ACLs)
+                    user) and `envpipe` (authenticated, but granted nothing: no ACLs); and
+                    OAUTHBEARER with Kafka's unsecured validator, which trusts any unsigned
+                    JWT (its `sub` is the principal): a dev broker's stand-in for a real
+                    identity provider, no weaker than the PLAINTEXT listener beside it
     CONTROLLER      KRaft's own
 
 `StandardAuthorizer` is on, so plaintext clients keep full access while a SASL user without
@@ -59,7 +62,7 @@ __all__ = [
 LABEL = "Apache Kafka broker"
 #: Picks another Kafka 4.x from Maven Central than the tested `kafka_jars.KAFKA_VERSION`.
 VERSION_ENV = "ENVPIPE_DEV_KAFKA_VERSION"
-MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER")
 SERVER_MAIN = "kafka.Kafka"
 STORAGE_TOOL_MAIN = "kafka.tools.StorageTool"
 HEAP = "-Xmx512m"
@@ -214,6 +217,10 @@ def _sasl_properties(sasl: SaslListener) -> dict[str, str]:
         f"{prefix}.scram-sha-512.sasl.jaas.config": (
             "org.apache.kafka.common.security.scram.ScramLoginModule required;"
         ),
+        # No validator configured: Kafka's unsecured one, which trusts any unsigned JWT.
+        f"{prefix}.oauthbearer.sasl.jaas.config": (
+            "org.apache.kafka.common.security.oauthbearer.OAuthBearerLoginModule required;"
+        ),
         "authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
         # PLAINTEXT and CONTROLLER connections are User:ANONYMOUS: full access, as without SASL.
         "super.users": f"User:ANONYMOUS;User:{sasl.admin.name}",
@@ -296,6 +303,10 @@ def format_storage(
         code = tool.wait_sync(_FORMAT_SECONDS)
         if code is None:
             tool.stop_sync()
+            raise ServiceError(
+                f"formatting the Kafka storage of node {node.node_id} did not finish within "
+                f"{_FORMAT_SECONDS:g} s; {tool.tail()}"
+            )
         if code != 0:
             raise ServiceError(
                 f"formatting the Kafka storage of node {node.node_id} failed "
@@ -360,7 +371,7 @@ def start(
 def _probe(node: NodeLayout) -> None:
     """Ready for every client: serves Kafka at its advertised address, coordinators up."""
     probe_kafka(HOST, node.port, node.advertised_port)
-    coordinators_ready(HOST, node.port)
+    coordinators_ready(HOST, node.port, single_node=True)
 
 
 @contextlib.contextmanager

@@ -25,10 +25,14 @@ PROBE_GROUP = "envpipe-ready"
 PROBE_TRANSACTIONAL_ID = "envpipe-ready"
 
 
-def coordinators_ready(host: str, port: int, *, transactions: bool = True) -> None:
+def coordinators_ready(
+    host: str, port: int, *, transactions: bool = True, single_node: bool = False
+) -> None:
     """Raise NotReady or OSError unless the group coordinator answers and a producer id can be had.
 
-    With `transactions`, the transaction coordinator must also hand out a transactional one.
+    With `transactions`, the transaction coordinator must also hand out a transactional one;
+    it is reached where it advertises itself, or, for a `single_node`, at `host:port` (its
+    advertised address may be a proxy that is not up yet).
     """
     with socket.create_connection((host, port), timeout=_TIMEOUT_SECONDS) as sock:
         _find_coordinator(sock, PROBE_GROUP, _GROUP)
@@ -36,6 +40,8 @@ def coordinators_ready(host: str, port: int, *, transactions: bool = True) -> No
         if not transactions:
             return
         coordinator = _find_coordinator(sock, PROBE_TRANSACTIONAL_ID, _TRANSACTION)
+    if single_node:
+        coordinator = (host, port)
     with socket.create_connection(coordinator, timeout=_TIMEOUT_SECONDS) as sock:
         _init_producer_id(sock, PROBE_TRANSACTIONAL_ID)
 
