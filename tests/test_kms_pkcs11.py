@@ -12,13 +12,10 @@ import asyncio
 import hashlib
 import itertools
 import logging
-import os
 import secrets
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from pathlib import Path
 
-import pkcs11
 import pkcs11.exceptions as p11
 import pytest
 from cryptography.exceptions import InvalidSignature
@@ -50,54 +47,13 @@ from pipeline.kms.pkcs11_uri import (
     parse_uri,
 )
 from pipeline.types import EncryptionContext, Kms, Operation
+from tests.providers import PIN_TOKEN, PIN_TOKEN_PIN, Hsm
 from workers.dev import softhsm
-from workers.dev.service import Launcher
 
 TOKEN = softhsm.TOKEN_LABEL
-PIN_TOKEN = "envpipe-pin-test"  # a second token, never logged in by a fixture
-PIN_TOKEN_PIN = "pin-test-4321"
 KEK_URI = f"pkcs11:token={TOKEN};object={softhsm.KMS_KEY_LABEL};type=secret-key"
 SIGNING_URI = f"pkcs11:token={TOKEN};object={softhsm.SIGNING_KEY_LABEL};type=private-key"
 CONTEXT = EncryptionContext.of({"envpipe:stream": "orders", "tenant": "acme"})
-
-
-@dataclass(frozen=True)
-class Hsm:
-    module: str
-    conf: str
-    pin: str
-    pin_file: str
-
-    def token(self, label: str = TOKEN) -> pkcs11.Token:
-        return pkcs11.lib(self.module).get_token(token_label=label)
-
-
-@pytest.fixture(scope="session")
-def hsm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hsm]:
-    """The dev token (workers.dev.softhsm) and a PIN-test token under one SOFTHSM2_CONF."""
-    try:
-        module = softhsm.find_module()
-        softhsm.find_util()
-    except Exception as exc:
-        pytest.skip(f"SoftHSM2 is not installed: {exc}")
-    state = tmp_path_factory.mktemp("softhsm-state")
-    started = softhsm.start(Launcher(state, lambda _records: None), 0, 30.0)
-    conf = started.variables["SOFTHSM2_CONF"]
-    softhsm.init_token(Path(conf), PIN_TOKEN, PIN_TOKEN_PIN, 30.0)
-    previous = os.environ.get("SOFTHSM2_CONF")
-    if module in pkcs11._loaded and previous != conf:
-        pytest.fail("libsofthsm2 was initialised earlier in this process under another config")
-    os.environ["SOFTHSM2_CONF"] = conf  # before the first pkcs11.lib() of the process
-    pin_file = started.variables["ENVPIPE_PKCS11_PIN_FILE"]
-    assert started.kms_key_canonical == KEK_URI
-    assert started.signing_key_canonical == SIGNING_URI
-    pin = Path(pin_file).read_text(encoding="utf-8").rstrip("\n")
-    yield Hsm(module, conf, pin, pin_file)
-    # The module stays initialised with `conf` for the rest of the process either way.
-    if previous is None:
-        os.environ.pop("SOFTHSM2_CONF", None)
-    else:
-        os.environ["SOFTHSM2_CONF"] = previous
 
 
 async def _connect(hsm: Hsm, max_sessions: int = 4) -> Pkcs11Kms:

@@ -45,6 +45,7 @@ from pipeline.kms.vault_errors import DecodedResponse, classify_response
 from pipeline.kms.vault_token import TokenSource
 from pipeline.types import EncryptionContext, Kms
 from workers.dev import openbao
+from workers.dev.ports import free_port
 from workers.dev.service import Launcher
 
 CONTEXT = EncryptionContext.of({"envpipe:stream": "orders", "tenant": "acme"})
@@ -86,7 +87,7 @@ def _launcher(state_dir: Path) -> Launcher:
 def bao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bao]:
     state_dir = tmp_path_factory.mktemp("openbao")
     launcher = _launcher(state_dir)
-    started = openbao.start(launcher, _free_port(), timeout=30)
+    started = openbao.start(launcher, free_port(), timeout=30)
     try:
         address, root = started.variables["VAULT_ADDR"], started.variables["VAULT_TOKEN"]
         yield Bao(address, root, openbao.Api(address, root), state_dir)
@@ -100,13 +101,6 @@ async def kms(bao: Bao) -> AsyncIterator[VaultKms]:
     kms = await VaultKms.connect(bao.address, bao.root)
     yield kms
     await kms.close()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _public_key(der: bytes) -> ec.EllipticCurvePublicKey:
@@ -457,7 +451,7 @@ async def test_renewable_token_outlives_its_ttl(bao: Bao) -> None:
 
 async def test_closed_port_is_retriable_and_quick(caplog: pytest.LogCaptureFixture) -> None:
     started = time.monotonic()
-    kms = await VaultKms.connect(f"http://127.0.0.1:{_free_port()}", "t")  # Vault down at start
+    kms = await VaultKms.connect(f"http://127.0.0.1:{free_port()}", "t")  # Vault down at start
     try:
         with pytest.raises(KmsUnavailableError) as caught:
             await kms.generate_data_key("vault:transit:orders", CONTEXT)
@@ -488,7 +482,7 @@ async def test_silent_server_times_out() -> None:
 
 async def test_stopped_server_is_unavailable(tmp_path: Path) -> None:
     launcher = _launcher(tmp_path)
-    started = openbao.start(launcher, _free_port(), timeout=30)
+    started = openbao.start(launcher, free_port(), timeout=30)
     kms = await VaultKms.connect(started.variables["VAULT_ADDR"], started.variables["VAULT_TOKEN"])
     try:
         assert (await kms.generate_data_key(started.kms_key_id, CONTEXT)).wrapped
@@ -552,7 +546,7 @@ async def test_tls_needs_the_right_ca(
     bao: Bao, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """OpenBao's -dev-tls makes its own CA: trusted through VAULT_CACERT, refused otherwise."""
-    launcher, port = _launcher(tmp_path), _free_port()
+    launcher, port = _launcher(tmp_path), free_port()
     argv = [openbao.bao_binary(), "server", "-dev", "-dev-no-store-token", "-dev-tls"]
     argv += [f"-dev-tls-cert-dir={tmp_path}", f"-dev-listen-address=127.0.0.1:{port}"]
     child = launcher.spawn(

@@ -16,13 +16,8 @@ from typing import Any, TypeVar
 
 import click
 
-from pipeline.config import (
-    Settings,
-    describe_credentials,
-    describe_settings,
-    load_settings_explained,
-    redact_url,
-)
+from pipeline.config import Settings, describe_settings, load_settings_explained
+from pipeline.credentials import describe_credentials, redact_url
 from pipeline.errors import EnvpipeError
 
 F = TypeVar("F", bound=Callable[..., Any])

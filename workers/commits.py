@@ -75,6 +75,7 @@ class Committer:
         overhead_sign: int,
         request_stop: Callable[..., None],
         on_commit: Callable[[dict[TopicPartition, int]], None],
+        explain: Callable[[BaseException], object] = lambda exc: exc,
     ) -> None:
         self.consumer: Any = None
         self.pending: deque[Batch] = deque()
@@ -88,6 +89,7 @@ class Committer:
         self._overhead_sign = overhead_sign
         self._request_stop = request_stop
         self._on_commit = on_commit
+        self._explain = explain  # a produce failure in words (an ACL refusal names the ACL)
 
     def open_batch(self, fetched: dict[TopicPartition, list[Any]]) -> Batch:
         """Register a fetched batch in fetch order (synchronously: no rebalance in between)."""
@@ -143,7 +145,7 @@ class Committer:
                 await future
         except Exception as exc:  # noqa: BLE001 - whatever it was, the batch is not acknowledged
             log.error(  # noqa: TRY400 - aiokafka's message is enough
-                "producing failed after the producer's retries: %s", exc
+                "producing failed after the producer's retries: %s", self._explain(exc)
             )
             self._request_stop("produce failure", exit_code=1)
             self._block("a produce failed")

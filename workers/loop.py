@@ -20,23 +20,24 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
-from aiokafka import ConsumerRebalanceListener, TopicPartition
+from aiokafka import TopicPartition
 from aiokafka.errors import KafkaError
 
 from pipeline.config import Settings
 from pipeline.errors import EnvpipeError, RecordTooLarge
 from pipeline.keys_topic import KeysTopicReader, KeysTopicWriter
-from workers.clients import max_request_size, new_consumer, new_producer
+from workers.clients import max_request_size, new_consumer, new_producer_for
 from workers.commits import Batch, Committer
-from workers.contract import ASSIGNED_LOG, dead_letter_headers, source_of
+from workers.contract import dead_letter_headers, source_of
 from workers.flow import KMS, FlowControl, retrying
 from workers.jobs import Job
 from workers.kafka_access import KafkaAccess
 from workers.metrics import MetricsServer
 from workers.outbox import Outbox
 from workers.progress import Progress
+from workers.rebalance import Rebalance
 from workers.stats import WorkerStats
-from workers.topics import ensure_keys_topic, ensure_outputs
+from workers.topics import DECODE_ERRORS, ensure_keys_topic, ensure_outputs, undecodable
 from workers.transforms import DeadLetter, Outcome, Transform
 
 __all__ = ["StreamWorker"]
@@ -66,11 +67,16 @@ class StreamWorker:
             overhead_sign=transform.overhead_sign,
             request_stop=self.request_stop,
             on_commit=self._committed,
+            explain=lambda exc: (
+                self.kafka.authorization_error(exc, operation="WRITE", topic=job.dest) or exc
+            ),
         )
         self.progress = Progress(self)
         self.consumer: Any = None
         self.producer: Any = None
         self._keys: tuple[KeysTopicWriter | None, KeysTopicReader | None] = (None, None)
+        #: set when the worker runs exactly-once (a transactional producer)
+        self.transactional_id: str | None = None
         self._stop = asyncio.Event()
         self._exit_code = 0
         #: per partition, the offset lag is measured from: the last commit, else first fetch
@@ -135,12 +141,22 @@ class StreamWorker:
     async def _start_clients(self) -> None:
         settings, job = self.settings, self.job
         client_id = f"envpipe-{self.stats.direction}"
-        self.producer = new_producer(self.kafka, settings, client_id=client_id)
+        self.producer, self.transactional_id = await new_producer_for(
+            self.kafka, settings, client_id=client_id, group=job.group
+        )
         await self.producer.start()
+        if self.transactional_id:
+            self.committer.commit_offsets = _committed_in_transaction
         await ensure_outputs(self.kafka, job.source, [job.dest, *([job.dlq] if job.dlq else [])])
-        self.consumer = new_consumer(self.kafka, settings, client_id=client_id, group_id=job.group)
+        self.consumer = new_consumer(
+            self.kafka,
+            settings,
+            client_id=client_id,
+            group_id=job.group,
+            read_committed=settings.exactly_once,
+        )
         self.flow.consumer = self.committer.consumer = self.consumer
-        self.consumer.subscribe([job.source], listener=_Rebalance(self))
+        self.consumer.subscribe([job.source], listener=Rebalance(self))
         await self.consumer.start()
 
     async def _start_transform(self) -> None:
@@ -189,8 +205,18 @@ class StreamWorker:
                 fetched = await consumer.getmany(
                     timeout_ms=settings.batch_timeout_ms, max_records=settings.batch_max_records
                 )
+            except DECODE_ERRORS as exc:
+                log.error(  # noqa: TRY400 - the message says it all
+                    "%s; stopping without skipping it (nothing after it is committed)",
+                    await undecodable(consumer, exc),
+                )
+                self.request_stop("undecodable record batch", exit_code=1)
+                return
             except KafkaError as exc:
-                log.error("the consumer failed: %s", exc)  # noqa: TRY400 - aiokafka's words
+                refused = self.kafka.authorization_error(
+                    exc, operation="READ", topic=self.job.source, group=self.job.group
+                )
+                log.error("the consumer failed: %s", refused or exc)  # noqa: TRY400
                 self.request_stop("consumer error", exit_code=1)
                 return
             if not fetched:
@@ -202,7 +228,10 @@ class StreamWorker:
             started = time.perf_counter()
             try:
                 outcomes = await self._retry(partial(self._values, batch), "transforming a batch")
-                await self._produce(batch, outcomes)
+                if self.transactional_id:
+                    await self._produce_in_transaction(batch, outcomes)
+                else:
+                    await self._produce(batch, outcomes)
             except _Abandon:
                 batch.produced.set_result(False)
                 return
@@ -264,6 +293,23 @@ class StreamWorker:
         batch.in_bytes, batch.out_bytes, batch.tombstones = in_bytes, out_bytes, tombstones
         batch.out = len(batch.records) - batch.dlq
 
+    async def _produce_in_transaction(self, batch: Batch, outcomes: Sequence[Outcome]) -> None:
+        """Exactly-once: outputs, dead letters and the batch's offsets in one transaction.
+
+        Batches are not pipelined here: the next one starts once this one is committed, so a
+        rebalance (which runs inside the next fetch) never meets an open transaction.
+        """
+        producer = self.producer
+        await producer.begin_transaction()
+        try:
+            await self._produce(batch, outcomes)
+            await producer.send_offsets_to_transaction(batch.offsets, self.job.group)
+            await producer.commit_transaction()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await producer.abort_transaction()
+            raise
+
     async def _dead_letter(self, batch: Batch, outbox: Outbox, record: Any, reason: str) -> None:
         """Send the original record to the DLQ, or stop if there is none."""
         where = source_of(record.topic, record.partition, record.offset)
@@ -323,39 +369,6 @@ class StreamWorker:
     def _committed(self, offsets: dict[TopicPartition, int]) -> None:
         self.lag_base.update(offsets)
 
-    # -- rebalances --
 
-    async def on_revoked(self, revoked: set[TopicPartition]) -> None:
-        """Before giving partitions up: stop reading them, let in-flight work commit."""
-        if not revoked:
-            return
-        self.consumer.pause(*revoked)
-        await self.committer.before_revoke(holding=KMS in self.flow.reasons)
-        for tp in revoked:
-            self.lag_base.pop(tp, None)
-        log.info("partitions revoked: %s", ", ".join(_names(revoked)))
-
-    def on_assigned(self, assigned: set[TopicPartition]) -> None:
-        """New partitions: note them, and keep them paused if the worker is holding back."""
-        self.stats.assigned_partitions.update(_names(assigned))
-        self.committer.last_activity = time.monotonic()
-        if self.flow.paused and assigned:
-            self.consumer.pause(*assigned)
-        log.info("%s %s", ASSIGNED_LOG, ", ".join(_names(assigned)) or "none")
-
-
-class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka is untyped
-    """Forwards aiokafka's rebalance callbacks to the worker."""
-
-    def __init__(self, worker: StreamWorker) -> None:
-        self._worker = worker
-
-    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        await self._worker.on_revoked(revoked)
-
-    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        self._worker.on_assigned(assigned)
-
-
-def _names(partitions: set[TopicPartition]) -> list[str]:
-    return sorted(f"{tp.topic}/{tp.partition}" for tp in partitions)
+async def _committed_in_transaction(offsets: dict[TopicPartition, int]) -> None:
+    """Exactly-once: the offsets went with the batch's transaction; nothing is left to do."""

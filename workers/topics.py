@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import struct
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from typing import Any
 
+import cramjam
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import errors as Errors
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaConnectionError, KafkaError
@@ -46,6 +49,7 @@ log = logging.getLogger("envpipe.topics")
 _TOPIC_ALREADY_EXISTS = 36
 _POLL_MS = 200
 _MAX_REPLICATION = 3
+
 _COMPACT = {"cleanup.policy": "compact"}
 
 
@@ -145,7 +149,10 @@ async def scan(
             pending = [tp for tp in partitions if not await _at_end(kafka, tp)]
             if not pending:
                 return
-            fetched = await kafka.getmany(*pending, timeout_ms=_POLL_MS, max_records=remaining)
+            try:
+                fetched = await kafka.getmany(*pending, timeout_ms=_POLL_MS, max_records=remaining)
+            except DECODE_ERRORS as exc:
+                raise TopicError(await undecodable(kafka, exc)) from exc
             batch = sorted(
                 (record for records in fetched.values() for record in records),
                 key=lambda record: (record.partition, record.offset),
@@ -159,6 +166,39 @@ async def scan(
             elif time.monotonic() - last_progress > stall_seconds:
                 stuck = ", ".join(str(tp.partition) for tp in pending)
                 raise TopicError(f"topic {topic!r}: partition(s) {stuck} stopped answering")
+
+
+async def undecodable(kafka: Any, exc: BaseException) -> str:
+    """Where the record batch that `exc` (from a fetch) could not decode sits, and why.
+
+    aiokafka does not say which partition failed, so each assigned one is fetched alone
+    from its current position (which the failure did not advance) until one fails again;
+    positions are restored. The answer names the topic, partition and offset.
+    """
+    why = f"{type(exc).__name__}: {exc}"
+    for tp in sorted(kafka.assignment()):
+        position = await kafka.position(tp)
+        try:
+            await kafka.getmany(tp, timeout_ms=_POLL_MS * 5, max_records=1)
+        except Exception:  # noqa: BLE001 - found it: whatever it raises, this is the one
+            where = f"{tp.topic}/{tp.partition} offset {position}"
+            return f"the record batch at {where} cannot be decoded ({why})"
+        finally:
+            kafka.seek(tp, position)
+    return f"a fetched record batch cannot be decoded ({why}); it did not fail again alone"
+
+
+#: What a fetch raises when a batch's bytes cannot be decoded: a codec library's own error,
+#: a bad CRC, an unknown codec id, or a truncated or garbled batch.
+DECODE_ERRORS = (
+    Errors.CorruptRecordException,
+    Errors.UnsupportedCodecError,
+    cramjam.DecompressionError,
+    ValueError,
+    EOFError,
+    IndexError,
+    struct.error,
+)
 
 
 async def _at_end(kafka: Any, tp: TopicPartition) -> bool:

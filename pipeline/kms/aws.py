@@ -14,7 +14,7 @@ only from the standard AWS chain, so they never travel through envpipe's own con
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack
 from types import TracebackType
 from typing import TYPE_CHECKING, Self, TypeVar
@@ -110,12 +110,17 @@ class AwsKms:
         connect_timeout: float = 2.0,
         read_timeout: float = 5.0,
         max_attempts: int = 3,
+        credentials: Mapping[str, str] | None = None,
     ) -> Self:
         """Create the process's KMS client.
 
         `endpoint_url` None means real AWS; `region` None falls back to AWS_REGION /
         AWS_DEFAULT_REGION. `verify` is True, False or a CA bundle path. `max_attempts` counts
         the first try: 1 disables botocore's own retries (standard mode, jittered backoff).
+        `credentials`, if given, is an environment to take `AWS_ACCESS_KEY_ID`,
+        `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN` and the region from instead of this
+        process's (a tool configuring a client for another environment); otherwise the
+        standard AWS chain applies.
         """
         config = AioConfig(
             max_pool_connections=max_pool_connections,
@@ -129,10 +134,11 @@ class AwsKms:
             client = await stack.enter_async_context(
                 get_session().create_client(
                     "kms",
-                    region_name=region or None,
+                    region_name=region or _region(credentials),
                     endpoint_url=endpoint_url or None,
                     verify=verify,
                     config=config,
+                    **_explicit_credentials(credentials),  # type: ignore[call-overload]
                 )
             )
         except boto.NoRegionError as exc:
@@ -298,6 +304,24 @@ def _translate(operation: Operation, exc: Exception) -> KmsError:
         if isinstance(exc, types):
             return error_type(operation, code, fixed or _truncate(str(exc)))
     return KmsRequestError(operation, type(exc).__name__, _truncate(str(exc)))
+
+
+def _region(environ: Mapping[str, str] | None) -> str | None:
+    if environ is None:
+        return None
+    return environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION") or None
+
+
+def _explicit_credentials(environ: Mapping[str, str] | None) -> dict[str, str]:
+    """botocore's keyword arguments for credentials taken from `environ`, if it has them."""
+    if environ is None or not environ.get("AWS_ACCESS_KEY_ID"):
+        return {}
+    names = {
+        "aws_access_key_id": "AWS_ACCESS_KEY_ID",
+        "aws_secret_access_key": "AWS_SECRET_ACCESS_KEY",
+        "aws_session_token": "AWS_SESSION_TOKEN",
+    }
+    return {argument: environ[name] for argument, name in names.items() if environ.get(name)}
 
 
 def _truncate(text: str) -> str:
