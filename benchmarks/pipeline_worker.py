@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-
 from typing import Any
 
 from pipeline.config import load_settings
