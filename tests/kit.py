@@ -28,10 +28,13 @@ from aiobotocore.session import get_session
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+from benchmarks.rigs.kms_proxy import KmsFaultProxy
+from pipeline.config import load_settings
 from pipeline.decryptor import Decryptor
 from pipeline.encryptor import Encryptor
 from pipeline.envelope import decode_envelope, encode_header, encode_record, signed_bytes
-from pipeline.kms import AwsKms
+from pipeline.kms import AwsKms, CountingKms, open_kms
+from pipeline.types import Kms
 from workers.contract import ERROR_HEADER, SOURCE_HEADER, STATS_FILE_ENV
 from workers.dev import DevEnv
 from workers.kafka_access import KafkaAccess
@@ -319,6 +322,45 @@ async def moto(
         yield kms, client
     finally:
         await kms.close()
+
+
+@contextlib.asynccontextmanager
+async def service(env: DevEnv) -> AsyncIterator[CountingKms]:
+    """A counting client of `env`'s cryptography service, configured as a worker would be."""
+    environ = env.as_environ()
+    kms = CountingKms(await open_kms(load_settings(environ=environ), environ))
+    try:
+        yield kms
+    finally:
+        await kms.close()
+
+
+def service_url(env: DevEnv) -> str:
+    """The HTTP endpoint of `env`'s service (for a fault proxy in front of it)."""
+    return env.variables["VAULT_ADDR"] if env.provider == "vault" else env.kms_endpoint
+
+
+def through(env: DevEnv, proxy: KmsFaultProxy) -> dict[str, str]:
+    """The variables that point a worker at `proxy` instead of `env`'s service."""
+    name = "VAULT_ADDR" if env.provider == "vault" else "ENVPIPE_KMS_ENDPOINT"
+    return {name: proxy.endpoint}
+
+
+def fault_proxy(env: DevEnv) -> KmsFaultProxy:
+    """A fault proxy in front of `env`'s service, answering faults in its protocol."""
+    return KmsFaultProxy(service_url(env), protocol="vault" if env.provider == "vault" else "aws")
+
+
+async def sealer(kms: Kms, env: DevEnv, stream: str) -> Encryptor:
+    """An Encryptor as `env`'s encrypt worker would build it (its settings, its keys)."""
+    return await Encryptor.from_settings(
+        kms, load_settings(environ=env.as_environ()), stream=stream
+    )
+
+
+async def opener(kms: Kms, env: DevEnv) -> Decryptor:
+    """A Decryptor as `env`'s decrypt worker would build it."""
+    return await Decryptor.from_settings(kms, load_settings(environ=env.as_environ()))
 
 
 def decryptor(kms: AwsKms, env: DevEnv) -> Decryptor:

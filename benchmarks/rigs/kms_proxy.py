@@ -59,14 +59,31 @@ _ERRORS: dict[str, tuple[int, str, str]] = {
 }
 
 
+#: The same faults as Vault answers them (OpenBao 2.7's messages, which envpipe classifies by).
+_VAULT_ERRORS: dict[str, tuple[int, str, str]] = {
+    "throttle": (429, "Too Many Requests", "request path quota exceeded (fault proxy)"),
+    "internal": (500, "Internal Server Error", "internal error (fault proxy)"),
+    "disabled": (400, "Bad Request", "encryption key not found"),
+    "invalid_state": (
+        400,
+        "Bad Request",
+        "ciphertext or signature version is disallowed by policy (too old)",
+    ),
+    "not_found": (400, "Bad Request", "encryption key not found"),
+    "access_denied": (403, "Forbidden", "1 error occurred:\n\t* permission denied\n\n"),
+}
+
+
 class KmsFaultProxy:
     """Listens on a loopback port; `endpoint` is the URL to give the client instead of the KMS."""
 
-    def __init__(self, upstream: str) -> None:
+    def __init__(self, upstream: str, *, protocol: Literal["aws", "vault"] = "aws") -> None:
         parts = urlsplit(upstream)
         if parts.hostname is None or parts.port is None:
             raise ValueError(f"upstream {upstream!r} needs a host and a port")
         self._upstream = (parts.hostname, parts.port)
+        #: whose error shapes the fault answers take: AWS's JSON 1.1, or Vault's {"errors": [...]}
+        self.protocol = protocol
         self.mode: Mode = "pass"
         #: pass mode holds every request this long first: a slow (e.g. far-away) KMS
         self.delay_seconds = 0.0
@@ -85,9 +102,11 @@ class KmsFaultProxy:
         return f"http://{_HOST}:{self._port}"
 
     def count(self, mode: Mode, operation: str | None = None) -> int:
-        """How many requests `mode` answered (for one operation, or all)."""
+        """How many requests `mode` answered (for operations containing `operation`, or all)."""
         return sum(
-            n for (m, op), n in self.requests.items() if m == mode and operation in (None, op)
+            n
+            for (m, op), n in self.requests.items()
+            if m == mode and (operation is None or operation in op)
         )
 
     async def start(self) -> KmsFaultProxy:
@@ -166,11 +185,17 @@ class KmsFaultProxy:
             if response is not None and self.observer is not None:
                 self.observer(operation, body, response.partition(b"\r\n\r\n")[2])
             return response
-        status, reason, error_type = _ERRORS[mode]
-        payload = json.dumps({"__type": error_type, "message": f"fault proxy: {mode}"}).encode()
+        if self.protocol == "vault":
+            status, reason, message = _VAULT_ERRORS[mode]
+            payload = json.dumps({"errors": [message]}).encode()
+            content_type = "application/json"
+        else:
+            status, reason, error_type = _ERRORS[mode]
+            payload = json.dumps({"__type": error_type, "message": f"fault proxy: {mode}"}).encode()
+            content_type = "application/x-amz-json-1.1"
         return (
             f"HTTP/1.1 {status} {reason}\r\n"
-            "Content-Type: application/x-amz-json-1.1\r\n"
+            f"Content-Type: {content_type}\r\n"
             f"x-amzn-RequestId: fault-proxy-{mode}\r\n"
             f"Content-Length: {len(payload)}\r\n\r\n"
         ).encode() + payload
