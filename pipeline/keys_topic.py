@@ -131,7 +131,7 @@ class KeysTopicReader:
 
     async def start(self, *, follow: bool = True) -> None:
         """Load up to each partition's end (from fetch high watermarks), then keep following."""
-        partitions = self._consumer.partitions_for_topic(self.topic)
+        partitions = await self._partitions()
         if partitions:
             await self._load(partitions)
         else:
@@ -155,6 +155,13 @@ class KeysTopicReader:
         self.load_seconds = time.monotonic() - started
         self.loaded = len(self._headers)
         log.info("loaded %d headers from %s in %.2fs", self.loaded, self.topic, self.load_seconds)
+
+    async def _partitions(self) -> set[int] | None:
+        """The topic's partitions, from fresh metadata: a group-less consumer's start fetches
+        none from Apache Kafka 4, and `topics()` only reads a copy."""
+        await self._consumer._client.force_metadata_update()
+        partitions: set[int] | None = self._consumer.partitions_for_topic(self.topic)
+        return partitions
 
     async def _at_end(self, tp: TopicPartition) -> bool:
         highwater = self._consumer.highwater(tp)
@@ -199,8 +206,7 @@ class KeysTopicReader:
         while not assigned:  # wait for the first writer to create the topic
             await asyncio.sleep(_APPEAR_POLL_SECONDS)
             with contextlib.suppress(KafkaError):
-                await self._consumer.topics()  # refreshes the metadata
-                partitions = self._consumer.partitions_for_topic(self.topic)
+                partitions = await self._partitions()
                 if partitions:
                     await self._load(partitions)
                     assigned = True

@@ -13,8 +13,19 @@ from pathlib import Path
 import pytest
 
 from tests.kit import Workers
-from tests.providers import PROVIDERS, Hsm, beside, start_hsm, start_vault
+from tests.providers import BROKER, PROVIDERS, Hsm, beside, start_hsm, start_vault
 from workers import dev
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Against Apache Kafka, fail at once, naming what to install, if Java or Maven is missing."""
+    if BROKER == "kafka":
+        from workers.dev import kafka_jars
+
+        kafka_jars.java_binary()
+        kafka_jars.maven_binary()
+    elif BROKER != "tansu":
+        raise pytest.UsageError(f"ENVPIPE_TEST_BROKER={BROKER!r}: must be tansu or kafka")
 
 
 @pytest.fixture(scope="session")
@@ -25,8 +36,9 @@ def dev_state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def dev_env(dev_state_dir: Path) -> Iterator[dev.DevEnv]:
-    """The session's Tansu broker and moto KMS, started once and stopped at the end."""
-    env = dev.up(dev_state_dir)
+    """The session's broker (Tansu, or Apache Kafka under `make test-kafka`) and moto KMS,
+    started once and stopped at the end."""
+    env = dev.up(dev_state_dir, broker=BROKER, ready_timeout=120)
     try:
         yield env
     finally:

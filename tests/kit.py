@@ -123,15 +123,15 @@ class Tail:
         self.records: list[Any] = []
 
     async def __aenter__(self) -> Tail:
-        # A starting consumer reads the metadata of all topics, which never auto-creates
-        # this one; a worker that is still starting may not have created it yet.
+        # A worker that is still starting may not have created the topic yet; Apache Kafka 4
+        # also gives a starting consumer no metadata until it is asked for.
+        consumer = AIOKafkaConsumer(bootstrap_servers=self._bootstrap)
+        await consumer.start()
         while True:
-            consumer = AIOKafkaConsumer(bootstrap_servers=self._bootstrap)
-            await consumer.start()
+            await consumer._client.force_metadata_update()
             if partitions := consumer.partitions_for_topic(self._topic):
                 break
-            await asyncio.sleep(0.1)  # stopping a consumer at once trips over its own task
-            await consumer.stop()
+            await asyncio.sleep(0.1)
         self._consumer = consumer
         assigned = [TopicPartition(self._topic, p) for p in partitions]
         consumer.assign(assigned)

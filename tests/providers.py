@@ -18,7 +18,12 @@ from workers.dev import DevEnv, openbao, softhsm
 from workers.dev.ports import free_port
 from workers.dev.service import KmsStarted, Launcher
 
-PROVIDERS = ("aws", "vault", "pkcs11")
+#: The broker the session's tests run against: Tansu (`make test`) or Apache Kafka
+#: (`make test-kafka`, which sets ENVPIPE_TEST_BROKER=kafka). Tests marked `broker` are the
+#: broker-facing ones: the same tests, run against each.
+BROKER = os.environ.get("ENVPIPE_TEST_BROKER", "tansu")
+#: Every provider against Tansu; against Apache Kafka the broker is what is under test.
+PROVIDERS = ("aws", "vault", "pkcs11") if BROKER == "tansu" else ("aws",)
 #: a second token on the session's SoftHSM2, never logged in by a fixture (PIN tests)
 PIN_TOKEN = "envpipe-pin-test"
 PIN_TOKEN_PIN = "pin-test-4321"

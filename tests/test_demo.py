@@ -23,10 +23,13 @@ from aiokafka import AIOKafkaProducer
 
 from pipeline.envelope import VERSION_HEADER
 from tests import kit
+from tests.providers import BROKER
 from workers import topics
 from workers.demo import samples
 from workers.demo.verify import verify
 from workers.dev import DevEnv
+
+pytestmark = pytest.mark.broker  # the same tests against Tansu and Apache Kafka
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -65,6 +68,8 @@ def _demo_command(records: int, state_dir: Path) -> list[str]:
         str(records),
         "--state-dir",
         str(state_dir),
+        "--broker",
+        BROKER,
     ]
 
 

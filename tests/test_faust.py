@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from workers.faust_app import FaustTopics
 
 pytestmark = [
+    pytest.mark.broker,  # the same tests against Tansu and Apache Kafka
     pytest.mark.timeout(120),
     pytest.mark.skipif(find_spec("faust") is None, reason="the faust extra is not installed"),
 ]

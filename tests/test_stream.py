@@ -29,6 +29,8 @@ from workers.contract import ERROR_HEADER, SOURCE_HEADER
 from workers.dev import DevEnv
 from workers.stats import Histogram
 
+pytestmark = pytest.mark.broker  # the same tests against Tansu and Apache Kafka
+
 # --- the histogram ---------------------------------------------------------------------------
 
 

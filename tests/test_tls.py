@@ -26,9 +26,12 @@ from pipeline.config import env_name, load_settings
 from pipeline.errors import ConfigError
 from tests import kit
 from tests.kit import IDLE, MARKER, Rec, Workers
+from tests.providers import BROKER
 from workers import dev, topics
 from workers.cli import main
 from workers.kafka_access import KafkaAccess
+
+pytestmark = pytest.mark.broker  # the same tests against Tansu and Apache Kafka
 
 CAFILE = "ENVPIPE_KAFKA_SSL_CAFILE"
 CERTFILE = "ENVPIPE_KAFKA_SSL_CERTFILE"
@@ -208,7 +211,7 @@ def tls_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsBroker]:
     with socket.socket() as sock:  # free now; each test's terminator binds it
         sock.bind(("127.0.0.1", 0))
         tls_port: int = sock.getsockname()[1]
-    env = dev.up(state_dir, advertised_port=tls_port)
+    env = dev.up(state_dir, broker=BROKER, advertised_port=tls_port, ready_timeout=120)
     try:
         yield TlsBroker(env, tls_port)
     finally:

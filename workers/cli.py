@@ -77,27 +77,31 @@ def main() -> None:
     """
 
 
-@main.group()
-def dev() -> None:
-    """Embedded broker (Tansu) and KMS emulator (moto) on loopback, for development."""
-
-
-@dev.command("up")
-@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), required=True)
-@click.option(
+_KMS_OPTION = click.option(
     "--kms",
     type=click.Choice(["aws", "vault", "pkcs11"]),
     default="aws",
     show_default=True,
     help="Cryptography service: moto (AWS KMS), OpenBao (Vault transit) or SoftHSM2 (PKCS#11).",
 )
-@click.option(
+_BROKER_OPTION = click.option(
     "--broker",
     type=click.Choice(["tansu", "kafka"]),
     default="tansu",
     show_default=True,
     help="Broker: embedded Tansu, or Apache Kafka in KRaft mode (needs Java 17 and Maven).",
 )
+
+
+@main.group()
+def dev() -> None:
+    """Embedded broker (Tansu or Apache Kafka) and cryptography service on loopback, for work."""
+
+
+@dev.command("up")
+@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), required=True)
+@_KMS_OPTION
+@_BROKER_OPTION
 @click.option("--broker-port", type=int, default=None, help="Broker port (default: a free one).")
 @click.option("--kms-port", type=int, default=None, help="Service port (default: a free one).")
 def dev_up(
@@ -234,13 +238,7 @@ def inspect(**options: Any) -> None:
 @main.command()
 @click.option("--records", type=click.IntRange(min=1), default=100_000, show_default=True)
 @click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
-@click.option(
-    "--kms",
-    type=click.Choice(["aws", "vault", "pkcs11"]),
-    default="aws",
-    show_default=True,
-    help="Cryptography service: moto (AWS KMS), OpenBao (Vault transit) or SoftHSM2 (PKCS#11).",
-)
+@_KMS_OPTION
 @click.option(
     "--format",
     "format_name",
@@ -249,11 +247,16 @@ def inspect(**options: Any) -> None:
     show_default=True,
     help="Wire format the encrypt worker writes (v2 keeps headers in a keys topic).",
 )
-def demo(records: int, state_dir: Path | None, kms: str, format_name: str) -> None:
+@_BROKER_OPTION
+def demo(records: int, state_dir: Path | None, kms: str, format_name: str, broker: str) -> None:
     """The whole path on the embedded broker and a service, then a summary table."""
     from workers import demo as demonstration
 
-    sys.exit(demonstration.run(records=records, state_dir=state_dir, kms=kms, format=format_name))
+    sys.exit(
+        demonstration.run(
+            records=records, state_dir=state_dir, kms=kms, format=format_name, broker=broker
+        )
+    )
 
 
 @main.command()

@@ -15,6 +15,7 @@ one record.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import struct
@@ -48,6 +49,7 @@ log = logging.getLogger("envpipe.topics")
 
 _TOPIC_ALREADY_EXISTS = 36
 _POLL_MS = 200
+_METADATA_WAIT_SECONDS = 10.0
 _MAX_REPLICATION = 3
 
 _COMPACT = {"cleanup.policy": "compact"}
@@ -112,14 +114,22 @@ async def consumer(brokers: KafkaAccess | str, *, client_id: str) -> AsyncIterat
 
 
 async def _partitions(kafka: Any, topic: str) -> list[TopicPartition]:
-    """Every partition of `topic`, or a TopicError that says the topic does not exist."""
-    partitions = kafka.partitions_for_topic(topic)
-    if partitions is None:
-        known = await kafka.topics()
+    """Every partition of `topic`, or a TopicError that says the topic does not exist.
+
+    A topic created moments ago may be listed before its partitions have leaders (Apache
+    Kafka says so for a few hundred milliseconds): the metadata is asked again meanwhile.
+    """
+    deadline = time.monotonic() + _METADATA_WAIT_SECONDS
+    while (partitions := kafka.partitions_for_topic(topic)) is None:
+        known = await kafka.topics()  # refreshes the metadata
         if topic not in known:
             listed = ", ".join(sorted(known)) or "none"
             raise TopicError(f"topic {topic!r} does not exist (topics on the broker: {listed})")
-        raise TopicError(f"topic {topic!r} has no partition metadata yet; try again")
+        if time.monotonic() > deadline:
+            raise TopicError(f"topic {topic!r} has no partition metadata yet; try again")
+        await asyncio.sleep(_POLL_MS / 1000)
+        # `topics()` reads a copy; only the client's own update feeds partitions_for_topic.
+        await kafka._client.force_metadata_update()
     return [TopicPartition(topic, partition) for partition in sorted(partitions)]
 
 

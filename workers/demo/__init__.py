@@ -41,7 +41,14 @@ IN_PROCESS_RECORDS = 5_000
 _interrupted_by: list[int] = []  # the signals `_as_interrupt` saw during this run
 
 
-def run(*, records: int, state_dir: Path | None, kms: str = "aws", format: str = "v1") -> int:
+def run(
+    *,
+    records: int,
+    state_dir: Path | None,
+    kms: str = "aws",
+    format: str = "v1",
+    broker: str = "tansu",
+) -> int:
     """The `demo` command: 0 only if every record came back intact; 128 + N on signal N."""
     runtime.configure_logging("WARNING")
     started = time.monotonic()
@@ -50,8 +57,8 @@ def run(*, records: int, state_dir: Path | None, kms: str = "aws", format: str =
     previous = signal.signal(signal.SIGTERM, _as_interrupt)
     passed = False
     try:
-        say(f"starting the embedded broker (Tansu) and the {kms} service; state in {folder}")
-        env = dev.up(folder, kms=kms)
+        say(f"starting the embedded broker ({broker}) and the {kms} service; state in {folder}")
+        env = dev.up(folder, kms=kms, broker=broker, ready_timeout=120)
         try:
             pids = ", ".join(f"{name} pid {pid}" for name, pid in env.pids.items())
             say(f"broker {env.bootstrap_servers}, {env.provider} ({pids or 'in process'})")
@@ -129,6 +136,7 @@ async def _demo(env: dev.DevEnv, folder: Path, count: int, format_name: str) -> 
         decrypt_stats=workers[1].stats(),
         in_process=timing,
         verification=verification,
+        broker=env.broker,
     )
 
 

@@ -14,6 +14,7 @@ from workers.demo.verify import Verification
 
 __all__ = ["Produced", "Report", "render"]
 
+_BROKERS = {"tansu": "embedded Tansu broker", "kafka": "Apache Kafka (KRaft)"}
 _PROVIDERS = {
     "aws": "AWS KMS (moto)",
     "vault": "Vault transit (OpenBao)",
@@ -51,6 +52,7 @@ class Report:
     verification: Verification
     kept: bool = True
     wall_seconds: float = 0.0
+    broker: str = "tansu"
 
 
 _SOURCES = {
@@ -129,7 +131,8 @@ def render(report: Report) -> str:
     lines = [
         "",
         f"envpipe demo: {produced.records:,} records through encrypt and decrypt workers, "
-        f"{PARTITIONS} partitions, embedded Tansu broker + {provider}, format {report.format}",
+        f"{PARTITIONS} partitions, {_BROKERS.get(report.broker, report.broker)} + {provider}, "
+        f"format {report.format}",
         f"topics: {' -> '.join(report.topics.all[:3])}, dead letters to {report.topics.dlq}",
         f"{os.cpu_count()} CPUs shared by the broker, the service, both workers and the "
         "demo's producer",
