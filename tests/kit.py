@@ -69,11 +69,13 @@ def name(prefix: str) -> str:
     return f"{prefix}-{uuid4().hex[:8]}"
 
 
-async def create_topic(bootstrap: str, topic: str, partitions: int = 3) -> None:
+async def create_topic(
+    bootstrap: str, topic: str, partitions: int = 3, replication: int = 1
+) -> None:
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
-        await admin.create_topics([NewTopic(topic, partitions, 1)])
+        await admin.create_topics([NewTopic(topic, partitions, replication)])
     finally:
         await admin.close()
 
@@ -163,9 +165,13 @@ class Tail:
         return count
 
 
-async def read(bootstrap: str | KafkaAccess, topic: str) -> list[Any]:
-    """Every record of `topic` that is there now (up to each partition's high watermark)."""
-    return [r async for batch in scan(bootstrap, topic, client_id="test") for r in batch]
+async def read(
+    bootstrap: str | KafkaAccess, topic: str, *, read_committed: bool = False
+) -> list[Any]:
+    """Every record of `topic` that is there now (up to each partition's high watermark, or
+    its last stable offset with `read_committed`)."""
+    records = scan(bootstrap, topic, client_id="test", read_committed=read_committed)
+    return [record async for batch in records for record in batch]
 
 
 async def count(bootstrap: str, topic: str) -> int:

@@ -96,11 +96,18 @@ async def create_with(
 
 
 @asynccontextmanager
-async def consumer(brokers: KafkaAccess | str, *, client_id: str) -> AsyncIterator[Any]:
-    """A started consumer with no group and no commits, stopped on exit."""
+async def consumer(
+    brokers: KafkaAccess | str, *, client_id: str, read_committed: bool = False
+) -> AsyncIterator[Any]:
+    """A started consumer with no group and no commits, stopped on exit; with
+    `read_committed`, it sees only committed transactions (what an exactly-once reader sees)."""
     access = KafkaAccess.of(brokers)
     kafka = AIOKafkaConsumer(
-        **access.client_kwargs(), client_id=client_id, group_id=None, enable_auto_commit=False
+        **access.client_kwargs(),
+        client_id=client_id,
+        group_id=None,
+        enable_auto_commit=False,
+        isolation_level="read_committed" if read_committed else "read_uncommitted",
     )
     try:
         await kafka.start()
@@ -140,6 +147,7 @@ async def scan(
     client_id: str,
     limit: int | None = None,
     stall_seconds: float = 15.0,
+    read_committed: bool = False,
 ) -> AsyncGenerator[list[Any], None]:
     """Yield batches of `topic`'s records from the start of every partition, up to its end.
 
@@ -149,14 +157,14 @@ async def scan(
     for `stall_seconds` (a partition without a leader, say). A consumer of its own per scan:
     aiokafka narrows its metadata to the assigned topics, so one cannot scan a second topic.
     """
-    async with consumer(brokers, client_id=client_id) as kafka:
+    async with consumer(brokers, client_id=client_id, read_committed=read_committed) as kafka:
         partitions = await _partitions(kafka, topic)
         kafka.assign(partitions)
         await kafka.seek_to_beginning(*partitions)
         remaining = limit
         last_progress = time.monotonic()
         while remaining is None or remaining > 0:
-            pending = [tp for tp in partitions if not await _at_end(kafka, tp)]
+            pending = [tp for tp in partitions if not await _at_end(kafka, tp, read_committed)]
             if not pending:
                 return
             try:
@@ -211,10 +219,11 @@ DECODE_ERRORS = (
 )
 
 
-async def _at_end(kafka: Any, tp: TopicPartition) -> bool:
-    """Whether the consumer's position has reached the partition's last fetched high watermark."""
-    highwater = kafka.highwater(tp)
-    return highwater is not None and await kafka.position(tp) >= highwater
+async def _at_end(kafka: Any, tp: TopicPartition, read_committed: bool = False) -> bool:
+    """Whether the consumer's position has reached the partition's end as last fetched: the
+    high watermark, or the last stable offset for a read_committed reader."""
+    end = kafka.last_stable_offset(tp) if read_committed else kafka.highwater(tp)
+    return end is not None and await kafka.position(tp) >= end
 
 
 async def ensure_outputs(kafka: KafkaAccess, source: str, targets: list[str]) -> None:
