@@ -221,6 +221,9 @@ class EncryptDekCache:
     async def _await_mint(self, slot: _Slot, now: float) -> None:
         """Wait for a DEK when none is usable; raise `DekExhaustedError` if the KMS fails."""
         if slot.pending is None and now < slot.retry_at:
+            refused = slot.last_error
+            if isinstance(refused, EnvpipeError) and not refused.retriable:
+                raise refused.with_traceback(None)  # still refused for good (a missing key)
             raise DekExhaustedError(
                 "no usable data key: the KMS is failing and the current key is spent"
             ) from slot.last_error
