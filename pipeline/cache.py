@@ -155,6 +155,13 @@ class EncryptDekCache:
             if slot.ready is not None:
                 self._rotate(slot, now)
                 continue
+            if current is not None and slot.pending is None and not slot.failures:
+                # Idle past a limit, so nothing was fetched ahead: mint now rather than run on
+                # in grace (that is for a failing KMS), or a rotated key would wait a batch.
+                self._start_mint(slot, now)
+                if slot.pending is not None:
+                    await asyncio.wait({slot.pending})
+                    continue
             if current is not None and self._in_grace(current, nbytes, now):
                 self._start_mint(slot, now)
                 self.stats["grace"] += 1

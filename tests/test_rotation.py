@@ -24,6 +24,8 @@ from typing import Any
 import pytest
 
 from benchmarks.rigs.kms_proxy import KmsFaultProxy
+from pipeline.cache import DekPolicy, EncryptDekCache
+from pipeline.encryptor import Encryptor
 from pipeline.envelope import Header, decode_header
 from pipeline.errors import KeyUnavailableError
 from pipeline.keyids import KeyAllowlist
@@ -328,3 +330,26 @@ async def test_signing_versions_reads_once_per_interval_and_at_once_for_the_next
     now[0] += 5
     await versions.get("public_key", key.at(99))
     assert len(reads) == 3  # one read per interval for unknown versions
+
+
+async def test_after_an_idle_gap_the_next_record_uses_the_repointed_alias() -> None:
+    """Nothing is fetched ahead while no record arrives; the first one after the DEK's age
+    waits for a new DEK under the alias as it points now, not a grace period on the old."""
+    now = [0.0]
+    kms = InMemoryKms()
+    old, new = kms.create_key("alias/orders"), kms.create_key()
+    cache = EncryptDekCache(DekPolicy(max_age_seconds=10), clock=lambda: now[0])
+    encryptor = Encryptor(
+        kms,
+        kms_key_id="alias/orders",
+        signing_key_id=kms.create_signing_key(),
+        stream="orders",
+        cache=cache,
+    )
+    first = await encryptor.seal(b"before")
+    kms.point_alias("alias/orders", new)
+    now[0] += 60
+    after = await encryptor.seal(b"after an idle minute")
+    await encryptor.close()
+    assert [decode_header(value)[0].kms_key_id for value in (first, after)] == [old, new]
+    assert cache.stats["grace"] == 0
