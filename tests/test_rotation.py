@@ -34,7 +34,7 @@ from pipeline.kms.vault_ids import parse_key_id
 from pipeline.kms.vault_versions import SigningVersions
 from pipeline.trust import HeaderVerifier
 from tests import kit
-from tests.kit import Rec, Tail, Workers
+from tests.kit import Proc, Rec, Tail, Workers
 from workers.dev import DevEnv, openbao
 
 DEK_AGE = 2.0  # ENVPIPE_DEK_MAX_AGE_SECONDS of the encrypt workers here
@@ -76,6 +76,20 @@ def report(what: str, changed_at: float, seen_at: float, sealed: Sequence[Any], 
         f"\nrotation delay ({what}, ENVPIPE_DEK_MAX_AGE_SECONDS={DEK_AGE:g}): first record "
         f"under the new key produced {produced - changed_at:.2f}s and seen on the encrypted "
         f"topic {seen_at - changed_at:.2f}s after the change"
+    )
+
+
+async def rotating_writer(pool: Workers, plain: str, enc: str, **env: str) -> Proc:
+    """An encrypt worker with a short DEK age that stops 3 s after the stream ends."""
+    return await pool.encrypt(
+        plain,
+        enc,
+        kit.name("g"),
+        "--stop-when-idle",
+        "3",
+        name="enc",
+        ENVPIPE_DEK_MAX_AGE_SECONDS=str(DEK_AGE),
+        **env,
     )
 
 
@@ -125,16 +139,8 @@ async def test_a_repointed_alias_takes_over_without_a_restart(
         wrapping, signing = kit.name("alias/rotation"), kit.name("alias/rotation-signing")
         await client.create_alias(AliasName=wrapping, TargetKeyId=old_kek)
         await client.create_alias(AliasName=signing, TargetKeyId=old_signer)
-        encrypt = await workers.encrypt(
-            plain,
-            enc,
-            kit.name("g"),
-            "--stop-when-idle",
-            "3",
-            name="enc",
-            ENVPIPE_KMS_KEY_ID=wrapping,
-            ENVPIPE_SIGNING_KEY_ID=signing,
-            ENVPIPE_DEK_MAX_AGE_SECONDS=str(DEK_AGE),
+        encrypt = await rotating_writer(
+            workers, plain, enc, ENVPIPE_KMS_KEY_ID=wrapping, ENVPIPE_SIGNING_KEY_ID=signing
         )
 
         def repoint(alias: str, arn: str) -> Callable[[], Awaitable[object]]:
@@ -216,16 +222,7 @@ async def test_vault_rotation_and_forged_versions(
             ENVPIPE_ALLOWED_KMS_KEYS=wrapping,
             ENVPIPE_ALLOWED_SIGNING_KEYS=signing,  # no version: every version of the key
         )
-        encrypt = await provider_workers.encrypt(
-            plain,
-            enc,
-            kit.name("g"),
-            "--stop-when-idle",
-            "3",
-            name="enc",
-            ENVPIPE_DEK_MAX_AGE_SECONDS=str(DEK_AGE),
-            **keys,
-        )
+        encrypt = await rotating_writer(provider_workers, plain, enc, **keys)
         timings = await rotate_mid_stream(
             bootstrap,
             plain,

@@ -11,11 +11,13 @@ through as tombstones whatever their headers. `Tenants` is shared with test_shre
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
@@ -24,6 +26,7 @@ import pytest
 from pipeline.config import load_settings
 from pipeline.decryptor import Decryptor
 from pipeline.envelope import decode_header
+from pipeline.errors import DecryptionError
 from pipeline.kms import open_kms
 from pipeline.kms.pkcs11_uri import canonical_key_uri
 from tests import kit
@@ -151,11 +154,18 @@ def vault_api(env: DevEnv) -> openbao.Api:
     return openbao.Api(env.variables["VAULT_ADDR"], env.variables["VAULT_TOKEN"])
 
 
-async def in_process_decryptor(env: DevEnv, allowed_kms_keys: str) -> Decryptor:
-    """A reader in this process with its own allowlist (close its `kms` when done)."""
+async def open_in_process(
+    env: DevEnv, allowed_kms_keys: str, envelopes: Sequence[Any]
+) -> list[bytes | DecryptionError]:
+    """Open consumed envelopes with a reader in this process that has its own allowlist."""
     environ = {**env.as_environ(), "ENVPIPE_ALLOWED_KMS_KEYS": allowed_kms_keys}
     settings = load_settings(environ=environ)
-    return await Decryptor.from_settings(await open_kms(settings, environ), settings)
+    kms = await open_kms(settings, environ)
+    try:
+        reader = await Decryptor.from_settings(kms, settings)
+        return await reader.open_many([(r.value, r.key) for r in envelopes])
+    finally:
+        await kms.close()
 
 
 def tenant(name: str) -> tuple[tuple[str, bytes], ...]:
@@ -243,11 +253,7 @@ async def test_each_tenant_gets_its_own_key_and_unfillable_records_are_dead_lett
     assert await kit.count(bootstrap, ddlq) == 0
 
     # A reader that allows one tenant's key opens that tenant's records only.
-    reader = await in_process_decryptor(env, tenants.canonical["acme"])
-    try:
-        opened = await reader.open_many([(r.value, r.key) for r in sealed if r.value])
-    finally:
-        await reader.kms.close()
+    opened = await open_in_process(env, tenants.canonical["acme"], [r for r in sealed if r.value])
     verdicts = Counter(
         ("opened" if isinstance(o, bytes) else o.reason.value, dict(r.headers)["tenant"])
         for o, r in zip(opened, [r for r in sealed if r.value], strict=True)
@@ -293,9 +299,28 @@ async def test_a_small_encrypt_cache_still_seals_every_tenant(
     # Interleaved tenants through a 2-entry LRU: many more DEKs than tenants.
     dek_ids = {decode_header(r.value)[0].dek_id for r in sealed}
     assert stats["kms_calls"]["generate_data_key"] == len(dek_ids) > len(tenants.canonical)
-    reader = await in_process_decryptor(env, tenants.allowlist)
-    try:
-        opened = await reader.open_many([(r.value, r.key) for r in sealed])
-    finally:
-        await reader.kms.close()
+    opened = await open_in_process(env, tenants.allowlist, sealed)
     assert Counter(opened) == Counter(r.value for r in records)
+
+
+def test_the_tenants_benchmark_writes_its_figures(tmp_path: Path) -> None:
+    """`python -m benchmarks.tenants` at toy size: every case runs and the JSON has its shape
+    (the figures themselves come from the full run; see docs/lifecycle.md)."""
+    done = subprocess.run(
+        [
+            *(sys.executable, "-m", "benchmarks.tenants", "--records", "300"),
+            *("--tenants", "20", "--out", str(tmp_path)),
+        ],
+        cwd=kit.REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    document = json.loads((tmp_path / "tenants.json").read_text())
+    cases = {case["case"]: case for case in document["cases"]}
+    assert set(cases) == {"fits", "default", "default_random"}
+    assert cases["fits"]["deks"] == cases["default"]["deks"] == 20  # 20 tenants fit both
+    assert all(case["rss_peak_mib"] >= case["rss_start_mib"] > 0 for case in cases.values())
+    assert document["quota_arithmetic"]
