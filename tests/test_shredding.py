@@ -20,10 +20,12 @@ from typing import Any
 import pytest
 
 from benchmarks.rigs.kms_proxy import KmsFaultProxy, Mode
+from pipeline.cache import DekPolicy, EncryptDekCache
 from pipeline.config import load_settings
 from pipeline.encryptor import Encryptor
-from pipeline.envelope import VERSION_HEADER
-from pipeline.kms import open_kms
+from pipeline.envelope import VERSION_HEADER, decode_header
+from pipeline.errors import Reason
+from pipeline.kms import InMemoryKms, open_kms
 from tests import kit
 from tests.kit import IDLE, Rec, Tail, Workers
 from tests.test_tenants import Tenants, strip_version, tenant_records
@@ -176,3 +178,35 @@ async def test_aws_key_states_are_key_unavailable_through_a_worker(
     # Refused for good: one Decrypt per DEK, no retry storm.
     for mode in modes[:3]:
         assert proxy.count(mode, "Decrypt") == 1, (mode, proxy.requests)
+
+
+async def test_a_writer_stops_sealing_under_a_destroyed_key_at_its_dek_limit() -> None:
+    """Grace is for an outage: once the service refuses the key for good, the tenant's
+    current DEK is not used past its age, and its records are `key_unavailable` (DLQ)."""
+    now = [0.0]
+    kms = InMemoryKms()
+    acme, globex = kms.create_key("alias/tenant-acme"), kms.create_key("alias/tenant-globex")
+    cache = EncryptDekCache(DekPolicy(max_age_seconds=10), clock=lambda: now[0])
+    encryptor = Encryptor(
+        kms,
+        kms_key_id="alias/tenant-{header:tenant}",
+        signing_key_id=kms.create_signing_key(),
+        stream="orders",
+        cache=cache,
+    )
+    batch = [(b"a", b"k1"), (b"g", b"k2"), (b"a", b"k3")]
+    headers = [(("tenant", b"acme"),), (("tenant", b"globex"),), (("tenant", b"acme"),)]
+    await encryptor.seal_many(batch, headers=headers)
+    kms.destroy(acme)
+    kept = await encryptor.seal_many(batch, headers=headers)  # within the age: still sealed
+    now[0] += 11
+    after = await encryptor.seal_many(batch, headers=headers)
+    await encryptor.close()
+    assert all(isinstance(value, bytes) for value in kept)
+    assert [getattr(value, "reason", "sealed") for value in after] == [
+        Reason.KEY_UNAVAILABLE,
+        "sealed",
+        Reason.KEY_UNAVAILABLE,
+    ]
+    assert decode_header(after[1])[0].kms_key_id == globex  # type: ignore[arg-type]
+    assert cache.stats["grace"] == 0
