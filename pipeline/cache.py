@@ -3,9 +3,11 @@
 `EncryptDekCache` holds one active DEK per encryption context. A DEK is retired at the
 first of its age, record and byte limits; a replacement is minted ahead of time, at
 `refresh_at` of any limit, in one background task per context (single-flight), so the
-record path does not wait on the KMS. If minting fails, the current DEK runs on for a grace
-period, never past its record limit; after that `reserve` raises `DekExhaustedError` and the
-caller pauses. Failed mints back off with jitter, so an outage does not become a KMS storm.
+record path does not wait on the KMS. If minting fails retriably (an outage), the current DEK
+runs on for a grace period, never past its record limit; after that `reserve` raises
+`DekExhaustedError` and the caller pauses. A mint refused for good (the key destroyed,
+disabled, or access denied) ends the DEK at its limit and is raised as it is. Failed mints
+back off with jitter, so an outage does not become a KMS storm.
 
 `DecryptDekCache` is the reader's LRU of unwrapped DEKs keyed by the records' prefix (the
 signed header bytes in v1, version byte and dek_id in v2), with an idle TTL, single-flight
@@ -155,7 +157,18 @@ class EncryptDekCache:
             if slot.ready is not None:
                 self._rotate(slot, now)
                 continue
-            if current is not None and self._in_grace(current, nbytes, now):
+            if current is not None and slot.pending is None and not slot.failures:
+                # Idle past a limit, so nothing was fetched ahead: mint now rather than run on
+                # in grace (that is for a failing KMS), or a rotated key would wait a batch.
+                self._start_mint(slot, now)
+                if slot.pending is not None:
+                    await asyncio.wait({slot.pending})
+                    continue
+            if (
+                current is not None
+                and _refused(slot) is None  # grace rides out an outage, not a destroyed key
+                and self._in_grace(current, nbytes, now)
+            ):
                 self._start_mint(slot, now)
                 self.stats["grace"] += 1
                 return current.take(1, nbytes)
@@ -221,6 +234,9 @@ class EncryptDekCache:
     async def _await_mint(self, slot: _Slot, now: float) -> None:
         """Wait for a DEK when none is usable; raise `DekExhaustedError` if the KMS fails."""
         if slot.pending is None and now < slot.retry_at:
+            refused = _refused(slot)
+            if refused is not None:
+                raise refused.with_traceback(None)  # still refused for good (a missing key)
             raise DekExhaustedError(
                 "no usable data key: the KMS is failing and the current key is spent"
             ) from slot.last_error
@@ -250,6 +266,12 @@ class EncryptDekCache:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._slots.clear()
+
+
+def _refused(slot: _Slot) -> EnvpipeError | None:
+    """The slot's last mint error if the service refused it for good (key gone, denied)."""
+    error = slot.last_error
+    return error if isinstance(error, EnvpipeError) and not error.retriable else None
 
 
 V = TypeVar("V")

@@ -122,7 +122,7 @@ class StreamWorker:
                 await metrics.close()
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
-            log.info("%s", self.stats.summary_line())
+            log.info("%s", self.stats.summary_line(self.transform.kms_calls))
             if stats_file is not None:
                 self._write_stats(stats_file)
         return self._exit_code

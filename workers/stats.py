@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,15 +100,19 @@ class WorkerStats:
         temporary.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
         temporary.replace(path)
 
-    def summary_line(self) -> str:
-        """One line for the log at exit."""
+    def summary_line(self, kms_calls: Mapping[str, int] | None = None) -> str:
+        """One line for the log at exit: counts, dead letters by reason, service calls."""
         latency = self.latency_ms.summary()
         shown = ", ".join(
             f"{name} {value:.1f}ms" for name, value in latency.items() if value is not None
         )
+        reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(self.dlq_reasons.items()))
+        calls = ", ".join(f"{op} {n}" for op, n in sorted((kms_calls or {}).items()) if n)
         return (
             f"{self.direction}: {self.records_in} in, {self.records_out} out, "
-            f"{self.dlq} dead-lettered, {self.tombstones} tombstones in "
+            f"{self.dlq} dead-lettered{f' ({reasons})' if reasons else ''}, "
+            f"{self.tombstones} tombstones in "
             f"{self.active_seconds:.2f}s ({self.records_per_s:,.0f} records/s); "
+            f"KMS calls {sum((kms_calls or {}).values())}{f' ({calls})' if calls else ''}; "
             f"latency {shown or 'n/a'}"
         )

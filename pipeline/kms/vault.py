@@ -5,7 +5,8 @@ The five operations map to transit's HTTP API (docs/vault.md has the policy for 
     generate_data_key  GET keys/<name> (it exists, aes256-gcm96), POST encrypt/<name>
     unwrap             POST decrypt/<name>
     sign               POST sign/<name>/sha2-256 (prehashed, asn1, key_version)
-    get_public_key     GET keys/<name>, the PEM of the named version
+    get_public_key     GET keys/<name>, the PEM of the named version (read at most every
+                       few seconds per key for an unknown version: `vault_versions`)
     resolve_*          GET keys/<name> (signing: latest_version)
 
 generate_data_key reads the key first because transit's encrypt *creates* a missing key when
@@ -44,6 +45,7 @@ from pipeline.kms.vault_errors import (
 )
 from pipeline.kms.vault_ids import VaultKeyRef, parse_key_id
 from pipeline.kms.vault_token import TokenRenewer, TokenSource
+from pipeline.kms.vault_versions import SigningVersions
 from pipeline.types import DataKey, EncryptionContext, Operation
 
 __all__ = ["VaultKms"]
@@ -85,6 +87,7 @@ class VaultKms:
         self._token = token
         self._namespace = namespace
         self._renewer: TokenRenewer | None = None
+        self._signing_versions = SigningVersions(self._key)
 
     @classmethod
     async def open(cls, settings: Settings, environ: Mapping[str, str] | None = None) -> Self:
@@ -256,7 +259,7 @@ class VaultKms:
         """The DER SubjectPublicKeyInfo of the version in `key_id`; KeyUnavailable if absent."""
         operation = Operation.PUBLIC_KEY
         ref = _ref(operation, key_id, version=True)
-        data = await self._key(operation, ref)
+        data = await self._signing_versions.get(operation, ref)
         if data.get("type") != SIGNING_TYPE:
             raise KmsRequestError(
                 operation,
@@ -303,6 +306,7 @@ class VaultKms:
         if ref.version is not None:
             return ref.canonical
         data = await self._key(Operation.RESOLVE, ref)
+        self._signing_versions.remember(ref, data)  # so the writer's check needs no read
         if data.get("type") != SIGNING_TYPE:
             raise ConfigError(
                 _SIGNING_KEY_SETTING,
