@@ -199,17 +199,31 @@ class KeysTopicReader:
         while not assigned:  # wait for the first writer to create the topic
             await asyncio.sleep(_APPEAR_POLL_SECONDS)
             with contextlib.suppress(KafkaError):
-                await self._consumer.topics()  # refreshes the metadata
-                partitions = self._consumer.partitions_for_topic(self.topic)
-                if partitions:
-                    await self._load(partitions)
-                    assigned = True
+                assigned = await self._load_once_created()
         while True:
             try:
                 await self._poll()
             except KafkaError as exc:
                 log.warning("reading the keys topic %s failed (%s); retrying", self.topic, exc)
                 await asyncio.sleep(1.0)
+
+    async def _load_once_created(self) -> bool:
+        """Load the topic if it exists now; whether it does.
+
+        `topics()` lists a new topic at once, but the consumer's own metadata, which
+        `partitions_for_topic` reads, covers only assigned topics (all of them just every
+        5 minutes): assigning partition 0, which every topic has, fetches this one's now.
+        """
+        if self.topic not in await self._consumer.topics():
+            return False
+        self._consumer.assign([TopicPartition(self.topic, 0)])
+        deadline = time.monotonic() + _APPEAR_POLL_SECONDS
+        while not (partitions := self._consumer.partitions_for_topic(self.topic)):
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(_POLL_MS / 1000)
+        await self._load(partitions)
+        return True
 
     async def close(self) -> None:
         if self._follow is not None:
