@@ -19,6 +19,7 @@ import contextlib
 import logging
 import struct
 import time
+import zlib
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -49,6 +50,8 @@ log = logging.getLogger("envpipe.topics")
 _TOPIC_ALREADY_EXISTS = 36
 _POLL_MS = 200
 _MAX_REPLICATION = 3
+#: records stepped through to find an undecodable one (more than one fetch holds)
+_LOCATE_MAX_RECORDS = 200_000
 
 _COMPACT = {"cleanup.policy": "compact"}
 
@@ -171,21 +174,49 @@ async def scan(
 async def undecodable(kafka: Any, exc: BaseException) -> str:
     """Where the record batch that `exc` (from a fetch) could not decode sits, and why.
 
-    aiokafka does not say which partition failed, so each assigned one is fetched alone
-    from its current position (which the failure did not advance) until one fails again;
-    positions are restored. The answer names the topic, partition and offset.
+    aiokafka says neither which partition failed nor where: a fetch that fails returns none
+    of its records, not even those before the bad batch, and moves no position. So each
+    assigned partition is fetched alone from its position until one fails again, then read
+    one record at a time up to the first that cannot be decoded. Positions are restored.
+    The answer names the topic, partition and offset.
     """
-    why = f"{type(exc).__name__}: {exc}"
+    kind = type(exc).__name__
+    if kind.islower():  # zlib.error, say: name its module too
+        kind = f"{type(exc).__module__}.{kind}"
+    why = f"{kind}: {exc}"
     for tp in sorted(kafka.assignment()):
         position = await kafka.position(tp)
         try:
-            await kafka.getmany(tp, timeout_ms=_POLL_MS * 5, max_records=1)
-        except Exception:  # noqa: BLE001 - found it: whatever it raises, this is the one
-            where = f"{tp.topic}/{tp.partition} offset {position}"
-            return f"the record batch at {where} cannot be decoded ({why})"
+            if not await _fetch_fails(kafka, tp):
+                continue
+            kafka.seek(tp, position)
+            offset = await _first_undecodable(kafka, tp)
+            at = f"offset {offset}" if offset is not None else f"at or after offset {position}"
+            return f"the record batch at {tp.topic}/{tp.partition} {at} cannot be decoded ({why})"
         finally:
             kafka.seek(tp, position)
     return f"a fetched record batch cannot be decoded ({why}); it did not fail again alone"
+
+
+async def _fetch_fails(kafka: Any, tp: TopicPartition) -> bool:
+    try:
+        await kafka.getmany(tp, timeout_ms=_POLL_MS * 5)
+    except Exception:  # noqa: BLE001 - found it: whatever it raises, this is the one
+        return True
+    return False
+
+
+async def _first_undecodable(kafka: Any, tp: TopicPartition) -> int | None:
+    """The offset where reading `tp` one record at a time fails (the bad batch lies within
+    one fetch of the position, so this is bounded); None if it does not fail again."""
+    for _ in range(_LOCATE_MAX_RECORDS):
+        offset: int = await kafka.position(tp)
+        try:
+            if not await kafka.getmany(tp, timeout_ms=_POLL_MS * 5, max_records=1):
+                return None
+        except Exception:  # noqa: BLE001 - as above
+            return offset
+    return None
 
 
 #: What a fetch raises when a batch's bytes cannot be decoded: a codec library's own error,
@@ -194,6 +225,7 @@ DECODE_ERRORS = (
     Errors.CorruptRecordException,
     Errors.UnsupportedCodecError,
     cramjam.DecompressionError,
+    zlib.error,
     ValueError,
     EOFError,
     IndexError,
@@ -259,7 +291,14 @@ async def ensure_keys_topic(kafka: KafkaAccess, topic: str, like: str) -> None:
             policy = await _cleanup_policy(admin, topic)
         except KafkaError as exc:
             raise ConfigError(setting, f"cannot check the keys topic {topic}: {exc}") from exc
-    if policy is not None and "compact" not in policy:
+    if policy is None:
+        log.warning(
+            "the broker does not report the cleanup.policy of the keys topic %s: make sure "
+            "it is compact, or its headers may expire (%s)",
+            topic,
+            setting,
+        )
+    elif "compact" not in policy:
         raise ConfigError(
             setting,
             f"the keys topic {topic} exists with cleanup.policy={policy}: its headers would "
