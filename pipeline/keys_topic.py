@@ -9,8 +9,9 @@ This is an IO edge (aiokafka), beside the pure core. The topic is compacted, key
   committed), loads every header before `start()` returns, and keeps following it in the
   background, so a header published after the reader started is found moments later.
 
-Memory: the reader keeps each header once, about 0.5 KiB per DEK (the ~370-byte header, its
-16-byte key and dict overhead), at most `max_headers` of them; past that the oldest loaded
+Memory: the reader keeps each header once, about 0.8 KiB of RSS per DEK for AWS-sized
+~440-byte headers (`benchmarks/keys_load.py`: the bytes, the 16-byte key, the dict entry,
+and what the fetches leave behind), at most `max_headers` of them; past that the oldest loaded
 are dropped (logged once), and their records would end as `header_missing`. Size it above the
 number of DEKs in the encrypted topic's retention. A reader trusts nothing it loads: every
 header is verified like a v1 header before it can cause an unwrap. It does keep the *first*
