@@ -33,13 +33,38 @@ from aiokafka.errors import KafkaError
 
 from pipeline.errors import TopicError
 
-__all__ = ["InMemoryHeaders", "KeysTopicReader", "KeysTopicWriter"]
+__all__ = ["InMemoryHeaders", "KeysTopicReader", "KeysTopicWriter", "topic_partitions"]
 
 log = logging.getLogger("envpipe.keys")
 
 _POLL_MS = 200
 _LOAD_STALL_SECONDS = 30.0
 _APPEAR_POLL_SECONDS = 2.0
+_METADATA_WAIT_SECONDS = 10.0
+
+
+async def topic_partitions(consumer: Any, topic: str) -> set[int] | None:
+    """The partition numbers of `topic` as a started aiokafka consumer sees them; None if the
+    topic does not exist. The consumer may be left assigned to the topic's partition 0.
+
+    A new aiokafka consumer asks for the metadata of no topic (a Metadata request with an
+    empty list): Tansu answers with every topic, Apache Kafka with none, and the consumer
+    then refreshes only the topics it is assigned (all of them every 5 minutes). So a topic
+    it does not know is looked for in `topics()` and, if there, assigned (partition 0, which
+    every topic has), which fetches its metadata at once.
+    """
+    partitions = consumer.partitions_for_topic(topic)
+    if partitions:
+        return set(partitions)
+    if topic not in await consumer.topics():
+        return None
+    consumer.assign([TopicPartition(topic, 0)])
+    deadline = time.monotonic() + _METADATA_WAIT_SECONDS
+    while not (partitions := consumer.partitions_for_topic(topic)):
+        if time.monotonic() > deadline:
+            raise TopicError(f"topic {topic!r} exists but its partitions are not known yet")
+        await asyncio.sleep(_POLL_MS / 1000)
+    return set(partitions)
 
 
 class InMemoryHeaders:
@@ -132,7 +157,7 @@ class KeysTopicReader:
 
     async def start(self, *, follow: bool = True) -> None:
         """Load up to each partition's end (from fetch high watermarks), then keep following."""
-        partitions = self._consumer.partitions_for_topic(self.topic)
+        partitions = await topic_partitions(self._consumer, self.topic)
         if partitions:
             await self._load(partitions)
         else:
@@ -199,7 +224,7 @@ class KeysTopicReader:
     async def _keep_following(self, *, assigned: bool) -> None:
         while not assigned:  # wait for the first writer to create the topic
             await asyncio.sleep(_APPEAR_POLL_SECONDS)
-            with contextlib.suppress(KafkaError):
+            with contextlib.suppress(KafkaError, TopicError):
                 assigned = await self._load_once_created()
         while True:
             try:
@@ -209,22 +234,11 @@ class KeysTopicReader:
                 await asyncio.sleep(1.0)
 
     async def _load_once_created(self) -> bool:
-        """Load the topic if it exists now; whether it does.
-
-        `topics()` lists a new topic at once, but the consumer's own metadata, which
-        `partitions_for_topic` reads, covers only assigned topics (all of them just every
-        5 minutes): assigning partition 0, which every topic has, fetches this one's now.
-        """
-        if self.topic not in await self._consumer.topics():
-            return False
-        self._consumer.assign([TopicPartition(self.topic, 0)])
-        deadline = time.monotonic() + _APPEAR_POLL_SECONDS
-        while not (partitions := self._consumer.partitions_for_topic(self.topic)):
-            if time.monotonic() > deadline:
-                return False
-            await asyncio.sleep(_POLL_MS / 1000)
-        await self._load(partitions)
-        return True
+        """Load the topic if it exists now; whether it does."""
+        partitions = await topic_partitions(self._consumer, self.topic)
+        if partitions:
+            await self._load(partitions)
+        return bool(partitions)
 
     async def close(self) -> None:
         if self._follow is not None:

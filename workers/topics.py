@@ -33,6 +33,7 @@ from aiokafka.errors import KafkaConnectionError, KafkaError
 
 from pipeline.config import env_name
 from pipeline.errors import ConfigError, TopicError
+from pipeline.keys_topic import topic_partitions
 from workers.kafka_access import KafkaAccess
 
 __all__ = [
@@ -116,13 +117,10 @@ async def consumer(brokers: KafkaAccess | str, *, client_id: str) -> AsyncIterat
 
 async def _partitions(kafka: Any, topic: str) -> list[TopicPartition]:
     """Every partition of `topic`, or a TopicError that says the topic does not exist."""
-    partitions = kafka.partitions_for_topic(topic)
+    partitions = await topic_partitions(kafka, topic)
     if partitions is None:
-        known = await kafka.topics()
-        if topic not in known:
-            listed = ", ".join(sorted(known)) or "none"
-            raise TopicError(f"topic {topic!r} does not exist (topics on the broker: {listed})")
-        raise TopicError(f"topic {topic!r} has no partition metadata yet; try again")
+        listed = ", ".join(sorted(await kafka.topics())) or "none"
+        raise TopicError(f"topic {topic!r} does not exist (topics on the broker: {listed})")
     return [TopicPartition(topic, partition) for partition in sorted(partitions)]
 
 
