@@ -16,8 +16,6 @@ from __future__ import annotations
 import asyncio
 import random
 import struct
-import subprocess
-import sys
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -37,8 +35,9 @@ from pipeline.errors import ConfigError, TopicError
 from pipeline.keys_topic import KeysTopicReader
 from pipeline.kms import CountingKms
 from tests import kit
-from tests.kit import IDLE, MARKER, REPO, Proc, Rec, Workers
+from tests.kit import IDLE, MARKER, Proc, Rec, Workers
 from tests.test_faust import Launcher
+from tests.test_format_v2 import cli
 from workers import inspect
 from workers.dev import DevEnv
 
@@ -313,15 +312,9 @@ def test_an_invalid_codec_is_a_config_error_naming_the_setting(tmp_path: Path) -
     assert "must be one of none, gzip, snappy, lz4, zstd" in str(refused.value)
     assert load_settings(environ={"ENVPIPE_COMPRESSION": "ZSTD"}).compression == "zstd"
 
-    command = ["encrypt", "--source", "a", "--dest", "b", "--group", "g"]
-    done = subprocess.run(
-        [sys.executable, "-m", "workers.cli", *command],
+    done = cli(
+        *("encrypt", "--source", "a", "--dest", "b", "--group", "g"),
         env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "ENVPIPE_COMPRESSION": "brotli"},
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
     )
     assert done.returncode == 2
     assert done.stderr.startswith("envpipe: error: ENVPIPE_COMPRESSION: got 'brotli'")
@@ -441,16 +434,7 @@ async def test_an_undecodable_batch_stops_the_worker_naming_where_it_is(
                 await inspect.inspect_topic(
                     settings, CountingKms(aws), topic=topic, limit=1000, emit=lambda _: None
                 )
-    done = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "workers.cli", "inspect", "--topic", plains["gzip"]],
-        env=workers.environ(),
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = await asyncio.to_thread(cli, "inspect", "--topic", plains["gzip"], env=workers.environ())
     assert done.returncode == 2, done.stdout + done.stderr
     assert done.stderr.startswith(f"envpipe: error: the record batch at {where['gzip']}")
     assert "zlib.error" in done.stderr

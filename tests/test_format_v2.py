@@ -12,6 +12,7 @@ are in test_v2_hostile.py, the keys topic itself in test_keys_topic.py. About 90
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import subprocess
 import sys
@@ -35,10 +36,9 @@ from pipeline.kms import CountingKms
 from pipeline.types import HeaderSink, Kms
 from tests import kit
 from tests.kit import IDLE, MARKER, REPO, Rec, Workers
-from tests.test_keys_topic import create_with_policy, describe_policy
-from workers import topics
+from tests.test_keys_topic import create_keys_topic, create_with_policy, describe_policy
+from workers import dev
 from workers.dev import DevEnv
-from workers.kafka_access import KafkaAccess
 
 V1_HEADER, V2_HEADER = envelope.VERSION_HEADER, envelope_v2.VERSION_HEADER
 #: 1 version byte + 16 dek_id + 12 nonce + 2 length (a varint, for 1,040 bytes) + 16 tag
@@ -66,7 +66,7 @@ async def publish_headers(
     bootstrap: str, topic: str, headers: Iterable[tuple[bytes, bytes]]
 ) -> None:
     """Write (dek_id, header bytes) to a keys topic, creating it (compacted) if missing."""
-    await topics.ensure_keys_topic(KafkaAccess.of(bootstrap), topic, like=topic)
+    await create_keys_topic(bootstrap, topic)
     writer = await KeysTopicWriter.open(topic, bootstrap_servers=bootstrap)
     try:
         for dek_id, header in headers:
@@ -257,6 +257,51 @@ async def test_a_keys_topic_that_is_not_compacted_stops_the_writer_at_start(
     assert await kit.count(bootstrap, enc) == 0  # nothing was sealed
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+@pytest.mark.skipif(
+    os.environ.get("ENVPIPE_TEST_BROKER") != "kafka",
+    reason="Apache Kafka tests run with ENVPIPE_TEST_BROKER=kafka",
+)
+async def test_v2_with_exactly_once_on_apache_kafka(tmp_path: Path) -> None:
+    """A transactional worker publishes its headers outside the transaction (a send on a
+    transactional producer outside one is refused, so nothing was ever sealed), and readers
+    find the keys topic on a broker that, unlike Tansu, sends a new client no metadata."""
+    env = await asyncio.to_thread(dev.up, tmp_path / "kafka", broker="kafka", ready_timeout=120)
+    pool = Workers(env, tmp_path)
+    try:
+        bootstrap = env.bootstrap_servers
+        plain, enc, dec, dlq = (kit.name(f"v2eos-{part}") for part in ("p", "enc", "dec", "dlq"))
+        for topic in (plain, enc):
+            await kit.create_topic(bootstrap, topic)
+        await kit.produce(bootstrap, plain, kit.mixed_records(300))
+        source = await kit.read(bootstrap, plain)
+        eos = {"ENVPIPE_FORMAT": "v2", "ENVPIPE_EXACTLY_ONCE": "true"}
+        encrypt = await pool.encrypt(
+            plain, enc, kit.name("g"), "--stop-when-idle", IDLE, name="enc", **eos
+        )
+        assert await encrypt.wait(90) == 0, encrypt.tail()
+        assert "producer: transactional (exactly-once)" in encrypt.log.read_text()
+        decrypt = await pool.decrypt(
+            enc, dec, dlq, kit.name("g"), "--stop-when-idle", IDLE, name="dec", **eos
+        )
+        assert await decrypt.wait(90) == 0, decrypt.tail()
+        assert Counter(map(Rec.of, await kit.read(bootstrap, dec))) == Counter(map(Rec.of, source))
+        assert encrypt.stats()["records_out"] == len(source)
+        assert len(await kit.read(bootstrap, f"{enc}.keys")) >= 1
+        # inspect finds the topics and the headers on Apache Kafka too
+        done = await asyncio.to_thread(cli, "inspect", "--topic", enc, "--json", env=pool.environ())
+        assert done.returncode == 0, done.stderr
+        lines = [orjson.loads(line) for line in done.stdout.splitlines()]
+        assert {(line["verdict"], line["format"]) for line in lines} == {
+            ("verified", "v2"),
+            ("tombstone", None),
+        }
+    finally:
+        await pool.close()
+        await asyncio.to_thread(dev.down, tmp_path / "kafka")
+
+
 # --- the library -----------------------------------------------------------------------------
 
 
@@ -265,7 +310,7 @@ async def test_library_v2_writer_and_a_restarted_reader_through_the_broker(dev_e
     topic = kit.name("v2lib")
     keys_topic = f"{topic}.keys"
     await kit.create_topic(bootstrap, topic)
-    await topics.ensure_keys_topic(KafkaAccess.of(bootstrap), keys_topic, like=topic)
+    await create_keys_topic(bootstrap, keys_topic)
     settings = load_settings(environ={**dev_env.as_environ(), "ENVPIPE_FORMAT": "v2"})
     records = kit.keyed(200, 300)
 
@@ -352,19 +397,25 @@ async def inspected(dev_env: DevEnv) -> Inspected:
     )
 
 
-def _inspect(
-    dev_env: DevEnv, tmp_path: Path, topic: str, *args: str, **env: str
+def cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:
-    pool = Workers(dev_env, tmp_path)
+    """`envpipe ARGS` as a user runs it, from the checkout; output captured as text."""
     return subprocess.run(
-        [sys.executable, "-m", "workers.cli", "inspect", "--topic", topic, *args],
-        env=pool.environ(**env),
+        [sys.executable, "-m", "workers.cli", *args],
+        env=env,
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=timeout,
         check=False,
     )
+
+
+def _inspect(
+    dev_env: DevEnv, tmp_path: Path, topic: str, *args: str, **env: str
+) -> subprocess.CompletedProcess[str]:
+    return cli("inspect", "--topic", topic, *args, env=Workers(dev_env, tmp_path).environ(**env))
 
 
 def test_inspect_json_joins_v2_records_with_their_headers(
@@ -415,25 +466,8 @@ def test_inspect_text_shows_the_format_and_the_joined_header(
 @pytest.mark.timeout(180)
 def test_demo_in_v2_passes_with_at_most_48_bytes_of_overhead(tmp_path: Path) -> None:
     state_dir = tmp_path / "state"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "workers.cli",
-            "demo",
-            "--format",
-            "v2",
-            "--records",
-            "3000",
-            "--state-dir",
-            str(state_dir),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=170,
-        check=False,
-    )
+    command = ["demo", "--format", "v2", "--records", "3000", "--state-dir", str(state_dir)]
+    done = cli(*command, timeout=170)
     assert done.returncode == 0, done.stdout + done.stderr
     out = done.stdout
     assert "PASSED: all 3,000 records identical (key, value, headers)" in out

@@ -61,6 +61,11 @@ async def create_with_policy(bootstrap: str, topic: str, policy: str | None) -> 
         await admin.close()
 
 
+async def create_keys_topic(bootstrap: str, topic: str) -> None:
+    """The keys topic as an encrypt worker creates it (compacted)."""
+    await topics.ensure_keys_topic(KafkaAccess.of(bootstrap), topic, like=topic)
+
+
 @contextlib.asynccontextmanager
 async def reader_of(bootstrap: str, topic: str, **options: Any) -> AsyncIterator[KeysTopicReader]:
     reader = await KeysTopicReader.open(topic, bootstrap_servers=bootstrap, **options)
@@ -73,7 +78,7 @@ async def reader_of(bootstrap: str, topic: str, **options: Any) -> AsyncIterator
 async def test_a_restarted_reader_loads_every_header_then_follows(dev_env: DevEnv) -> None:
     bootstrap = dev_env.bootstrap_servers
     topic = kit.name("keys")
-    await topics.ensure_keys_topic(KafkaAccess.of(bootstrap), topic, like=topic)
+    await create_keys_topic(bootstrap, topic)
     assert await describe_policy(bootstrap, topic) == "compact"
     headers = fake_headers(500)
     writer = await KeysTopicWriter.open(topic, bootstrap_servers=bootstrap)
@@ -103,7 +108,7 @@ async def test_a_restarted_reader_loads_every_header_then_follows(dev_env: DevEn
 async def test_tombstones_and_keyless_records_are_not_headers(dev_env: DevEnv) -> None:
     bootstrap = dev_env.bootstrap_servers
     topic = kit.name("keys-stray")
-    await topics.ensure_keys_topic(KafkaAccess.of(bootstrap), topic, like=topic)
+    await create_keys_topic(bootstrap, topic)
     (dek_id, header), (other_id, _) = fake_headers(2).items()
     await kit.produce(
         bootstrap,
@@ -126,7 +131,7 @@ async def test_the_reader_keeps_at_most_max_headers_dropping_the_oldest(
 ) -> None:
     bootstrap = dev_env.bootstrap_servers
     topic = kit.name("keys-full")
-    await topics.ensure_keys_topic(KafkaAccess.of(bootstrap), topic, like=topic)
+    await create_keys_topic(bootstrap, topic)
     headers = list(fake_headers(8).items())
     await kit.produce(bootstrap, topic, [kit.Rec(dek_id, value) for dek_id, value in headers])
     with caplog.at_level(logging.WARNING, logger="envpipe.keys"):
@@ -142,7 +147,7 @@ async def test_a_reader_started_before_the_topic_exists_finds_it(dev_env: DevEnv
     topic = kit.name("keys-later")
     async with reader_of(bootstrap, topic) as reader:
         assert len(reader) == 0
-        await topics.ensure_keys_topic(KafkaAccess.of(bootstrap), topic, like=topic)
+        await create_keys_topic(bootstrap, topic)
         (dek_id, header), *_ = fake_headers(1).items()
         writer = await KeysTopicWriter.open(topic, bootstrap_servers=bootstrap)
         try:
