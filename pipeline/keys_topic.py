@@ -41,6 +41,7 @@ _POLL_MS = 200
 _LOAD_STALL_SECONDS = 30.0
 _APPEAR_POLL_SECONDS = 2.0
 _METADATA_WAIT_SECONDS = 10.0
+_UNREADABLE_RETRY_SECONDS = 5.0
 
 
 async def topic_partitions(consumer: Any, topic: str) -> set[int] | None:
@@ -187,7 +188,25 @@ class KeysTopicReader:
         return highwater is not None and await self._consumer.position(tp) >= highwater
 
     async def _poll(self, partitions: list[TopicPartition] | None = None) -> int:
-        fetched = await self._consumer.getmany(*(partitions or ()), timeout_ms=_POLL_MS)
+        try:
+            fetched = await self._consumer.getmany(*(partitions or ()), timeout_ms=_POLL_MS)
+        except Exception as exc:
+            if isinstance(exc, KafkaError) and exc.retriable:
+                raise
+            # Not a passing fault: a record batch that cannot be decoded (a codec's own
+            # error, a bad CRC). Say where the reader stands, never skip past it.
+            kind = type(exc).__name__
+            kind = f"{type(exc).__module__}.{kind}" if kind.islower() else kind
+            at = ", ".join(
+                [
+                    f"{tp.partition} at offset {await self._consumer.position(tp)}"
+                    for tp in sorted(self._consumer.assignment())
+                ]
+            )
+            raise TopicError(
+                f"the keys topic {self.topic!r} cannot be read past a record batch it cannot "
+                f"decode (partition {at}; {kind}: {exc})"
+            ) from exc
         count = 0
         for records in fetched.values():
             for record in records:
@@ -232,6 +251,9 @@ class KeysTopicReader:
             except KafkaError as exc:
                 log.warning("reading the keys topic %s failed (%s); retrying", self.topic, exc)
                 await asyncio.sleep(1.0)
+            except TopicError as exc:  # headers after it cannot arrive: records will wait
+                log.error("%s; v2 records under later DEKs end as header_missing", exc)  # noqa: TRY400
+                await asyncio.sleep(_UNREADABLE_RETRY_SECONDS)
 
     async def _load_once_created(self) -> bool:
         """Load the topic if it exists now; whether it does."""

@@ -14,6 +14,7 @@ offset, and nothing after it is skipped. The five codec pipelines run side by si
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import struct
 from collections import Counter
@@ -40,6 +41,7 @@ from tests.test_faust import Launcher
 from tests.test_format_v2 import cli
 from workers import inspect
 from workers.dev import DevEnv
+from workers.supervisor import until
 
 CODECS = ("none", "gzip", "snappy", "lz4", "zstd")
 #: The record-batch attribute bits of each codec (Kafka's protocol).
@@ -439,3 +441,28 @@ async def test_an_undecodable_batch_stops_the_worker_naming_where_it_is(
     assert done.stderr.startswith(f"envpipe: error: the record batch at {where['gzip']}")
     assert "zlib.error" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+async def test_a_keys_topic_batch_that_cannot_be_decoded_is_a_clear_error(
+    dev_env: DevEnv, caplog: pytest.LogCaptureFixture
+) -> None:
+    """At start a reader refuses to load past it; a following reader says so, loudly, and
+    reads nothing after it (records under later DEKs then end as header_missing)."""
+    bootstrap = dev_env.bootstrap_servers
+    loaded, followed = kit.name("zbad-keys"), kit.name("zbad-keys-followed")
+    for topic in (loaded, followed):
+        await kit.create_topic(bootstrap, topic)
+    await produce_with_an_undecodable_batch(bootstrap, loaded, "gzip")
+    with pytest.raises(TopicError, match=rf"keys topic '{loaded}' cannot be read past .*zlib"):
+        await KeysTopicReader.open(loaded, bootstrap_servers=bootstrap, follow=False)
+
+    reader = await KeysTopicReader.open(followed, bootstrap_servers=bootstrap)
+    try:
+        with caplog.at_level(logging.ERROR, logger="envpipe.keys"):
+            await produce_with_an_undecodable_batch(bootstrap, followed, "zstd")
+            said = f"the keys topic '{followed}' cannot be read past a record batch"
+            assert await until(lambda: said in caplog.text, 20, interval=0.1)
+        assert "header_missing" in caplog.text
+        assert reader.get(b"after-0") is None  # nothing after the bad batch was taken
+    finally:
+        await reader.close()
