@@ -4,7 +4,7 @@ encrypt worker's start-up check (`workers.topics.ensure_keys_topic`).
 Tansu answers DescribeConfigs with a topic's `cleanup.policy` when the topic was created
 with one (and with nothing for a topic created without configs), so the "exists but not
 compacted" refusal is tested on the real broker; what a broker reports in other shapes
-(Apache Kafka lists every default) is tested against a fake admin client. About 15 s.
+(Apache Kafka lists every default) is tested against a fake admin client. About 5 s.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ without asking the service to unwrap anything; the count is taken at the service
 `CountingKms` around the in-memory KMS in process, the `KmsFaultProxy`'s request count in
 front of moto through a decrypt worker). The one case that costs an unwrap is a record that
 names a real dek_id it was not sealed under: the legitimate unwrap of that DEK, no more,
-then `bad_tag`. About 15 s.
+then `bad_tag`. About 12 s.
 """
 
 from __future__ import annotations

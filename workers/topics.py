@@ -53,6 +53,8 @@ _POLL_MS = 200
 _MAX_REPLICATION = 3
 #: records stepped through to find an undecodable one (more than one fetch holds)
 _LOCATE_MAX_RECORDS = 200_000
+#: how long a fetch that returns nothing (a busy broker) is tried again while locating
+_LOCATE_WAIT_SECONDS = 10.0
 
 _COMPACT = {"cleanup.policy": "compact"}
 
@@ -197,20 +199,28 @@ async def undecodable(kafka: Any, exc: BaseException) -> str:
 
 
 async def _fetch_fails(kafka: Any, tp: TopicPartition) -> bool:
-    try:
-        await kafka.getmany(tp, timeout_ms=_POLL_MS * 5)
-    except Exception:  # noqa: BLE001 - found it: whatever it raises, this is the one
-        return True
+    """Whether fetching `tp` alone from its position fails (False once records come back,
+    or the partition is known to hold nothing more)."""
+    deadline = time.monotonic() + _LOCATE_WAIT_SECONDS
+    while not await _at_end(kafka, tp) and time.monotonic() < deadline:
+        try:
+            if await kafka.getmany(tp, timeout_ms=_POLL_MS * 5):
+                return False
+        except Exception:  # noqa: BLE001 - found it: whatever it raises, this is the one
+            return True
     return False
 
 
 async def _first_undecodable(kafka: Any, tp: TopicPartition) -> int | None:
     """The offset where reading `tp` one record at a time fails (the bad batch lies within
     one fetch of the position, so this is bounded); None if it does not fail again."""
+    deadline = time.monotonic() + _LOCATE_WAIT_SECONDS
     for _ in range(_LOCATE_MAX_RECORDS):
         offset: int = await kafka.position(tp)
         try:
-            if not await kafka.getmany(tp, timeout_ms=_POLL_MS * 5, max_records=1):
+            if await kafka.getmany(tp, timeout_ms=_POLL_MS * 5, max_records=1):
+                deadline = time.monotonic() + _LOCATE_WAIT_SECONDS
+            elif await _at_end(kafka, tp) or time.monotonic() > deadline:
                 return None
         except Exception:  # noqa: BLE001 - as above
             return offset
