@@ -137,7 +137,7 @@ class Settings:
     )
     keys_topic: str = _setting("", "v2 keys topic; default: <encrypted topic>.keys")
     keys_cache_size: int = _setting(
-        200_000, "v2 headers a reader keeps in memory (about 0.5 KiB each)", low=1
+        200_000, "v2 headers a reader keeps in memory (about 0.8 KiB each)", low=1
     )
     keys_wait_seconds: float = _setting(
         30.0, "how long a v2 reader waits for a missing header before header_missing", low=0

@@ -9,8 +9,9 @@ This is an IO edge (aiokafka), beside the pure core. The topic is compacted, key
   committed), loads every header before `start()` returns, and keeps following it in the
   background, so a header published after the reader started is found moments later.
 
-Memory: the reader keeps each header once, about 0.5 KiB per DEK (the ~370-byte header, its
-16-byte key and dict overhead), at most `max_headers` of them; past that the oldest loaded
+Memory: the reader keeps each header once, about 0.8 KiB of RSS per DEK for AWS-sized
+~440-byte headers (`benchmarks/keys_load.py`: the bytes, the 16-byte key, the dict entry,
+and what the fetches leave behind), at most `max_headers` of them; past that the oldest loaded
 are dropped (logged once), and their records would end as `header_missing`. Size it above the
 number of DEKs in the encrypted topic's retention. A reader trusts nothing it loads: every
 header is verified like a v1 header before it can cause an unwrap. It does keep the *first*
@@ -32,13 +33,39 @@ from aiokafka.errors import KafkaError
 
 from pipeline.errors import TopicError
 
-__all__ = ["InMemoryHeaders", "KeysTopicReader", "KeysTopicWriter"]
+__all__ = ["InMemoryHeaders", "KeysTopicReader", "KeysTopicWriter", "topic_partitions"]
 
 log = logging.getLogger("envpipe.keys")
 
 _POLL_MS = 200
 _LOAD_STALL_SECONDS = 30.0
 _APPEAR_POLL_SECONDS = 2.0
+_METADATA_WAIT_SECONDS = 10.0
+_UNREADABLE_RETRY_SECONDS = 5.0
+
+
+async def topic_partitions(consumer: Any, topic: str) -> set[int] | None:
+    """The partition numbers of `topic` as a started aiokafka consumer sees them; None if the
+    topic does not exist. The consumer may be left assigned to the topic's partition 0.
+
+    A new aiokafka consumer asks for the metadata of no topic (a Metadata request with an
+    empty list): Tansu answers with every topic, Apache Kafka with none, and the consumer
+    then refreshes only the topics it is assigned (all of them every 5 minutes). So a topic
+    it does not know is looked for in `topics()` and, if there, assigned (partition 0, which
+    every topic has), which fetches its metadata at once.
+    """
+    partitions = consumer.partitions_for_topic(topic)
+    if partitions:
+        return set(partitions)
+    if topic not in await consumer.topics():
+        return None
+    consumer.assign([TopicPartition(topic, 0)])
+    deadline = time.monotonic() + _METADATA_WAIT_SECONDS
+    while not (partitions := consumer.partitions_for_topic(topic)):
+        if time.monotonic() > deadline:
+            raise TopicError(f"topic {topic!r} exists but its partitions are not known yet")
+        await asyncio.sleep(_POLL_MS / 1000)
+    return set(partitions)
 
 
 class InMemoryHeaders:
@@ -131,7 +158,7 @@ class KeysTopicReader:
 
     async def start(self, *, follow: bool = True) -> None:
         """Load up to each partition's end (from fetch high watermarks), then keep following."""
-        partitions = await self._partitions()
+        partitions = await topic_partitions(self._consumer, self.topic)
         if partitions:
             await self._load(partitions)
         else:
@@ -156,19 +183,30 @@ class KeysTopicReader:
         self.loaded = len(self._headers)
         log.info("loaded %d headers from %s in %.2fs", self.loaded, self.topic, self.load_seconds)
 
-    async def _partitions(self) -> set[int] | None:
-        """The topic's partitions, from fresh metadata: a group-less consumer's start fetches
-        none from Apache Kafka 4, and `topics()` only reads a copy."""
-        await self._consumer._client.force_metadata_update()
-        partitions: set[int] | None = self._consumer.partitions_for_topic(self.topic)
-        return partitions
-
     async def _at_end(self, tp: TopicPartition) -> bool:
         highwater = self._consumer.highwater(tp)
         return highwater is not None and await self._consumer.position(tp) >= highwater
 
     async def _poll(self, partitions: list[TopicPartition] | None = None) -> int:
-        fetched = await self._consumer.getmany(*(partitions or ()), timeout_ms=_POLL_MS)
+        try:
+            fetched = await self._consumer.getmany(*(partitions or ()), timeout_ms=_POLL_MS)
+        except Exception as exc:
+            if isinstance(exc, KafkaError) and exc.retriable:
+                raise
+            # Not a passing fault: a record batch that cannot be decoded (a codec's own
+            # error, a bad CRC). Say where the reader stands, never skip past it.
+            kind = type(exc).__name__
+            kind = f"{type(exc).__module__}.{kind}" if kind.islower() else kind
+            at = ", ".join(
+                [
+                    f"{tp.partition} at offset {await self._consumer.position(tp)}"
+                    for tp in sorted(self._consumer.assignment())
+                ]
+            )
+            raise TopicError(
+                f"the keys topic {self.topic!r} cannot be read past a record batch it cannot "
+                f"decode (partition {at}; {kind}: {exc})"
+            ) from exc
         count = 0
         for records in fetched.values():
             for record in records:
@@ -205,17 +243,24 @@ class KeysTopicReader:
     async def _keep_following(self, *, assigned: bool) -> None:
         while not assigned:  # wait for the first writer to create the topic
             await asyncio.sleep(_APPEAR_POLL_SECONDS)
-            with contextlib.suppress(KafkaError):
-                partitions = await self._partitions()
-                if partitions:
-                    await self._load(partitions)
-                    assigned = True
+            with contextlib.suppress(KafkaError, TopicError):
+                assigned = await self._load_once_created()
         while True:
             try:
                 await self._poll()
             except KafkaError as exc:
                 log.warning("reading the keys topic %s failed (%s); retrying", self.topic, exc)
                 await asyncio.sleep(1.0)
+            except TopicError as exc:  # headers after it cannot arrive: records will wait
+                log.error("%s; v2 records under later DEKs end as header_missing", exc)  # noqa: TRY400
+                await asyncio.sleep(_UNREADABLE_RETRY_SECONDS)
+
+    async def _load_once_created(self) -> bool:
+        """Load the topic if it exists now; whether it does."""
+        partitions = await topic_partitions(self._consumer, self.topic)
+        if partitions:
+            await self._load(partitions)
+        return bool(partitions)
 
     async def close(self) -> None:
         if self._follow is not None:

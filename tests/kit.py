@@ -33,6 +33,7 @@ from pipeline.config import load_settings
 from pipeline.decryptor import Decryptor
 from pipeline.encryptor import Encryptor
 from pipeline.envelope import decode_envelope, encode_header, encode_record, signed_bytes
+from pipeline.keys_topic import topic_partitions
 from pipeline.kms import AwsKms, CountingKms, open_kms
 from pipeline.types import Kms
 from workers.contract import ERROR_HEADER, SOURCE_HEADER, STATS_FILE_ENV
@@ -129,11 +130,15 @@ class Tail:
         # also gives a starting consumer no metadata until it is asked for.
         consumer = AIOKafkaConsumer(bootstrap_servers=self._bootstrap)
         await consumer.start()
-        while True:
-            await consumer._client.force_metadata_update()
-            if partitions := consumer.partitions_for_topic(self._topic):
-                break
-            await asyncio.sleep(0.1)
+        partitions: set[int] | None = None
+
+        async def known() -> bool:
+            nonlocal partitions
+            partitions = await topic_partitions(consumer, self._topic)
+            return bool(partitions)
+
+        await until(known, within=120, interval=0.1)
+        assert partitions, f"topic {self._topic} never appeared"
         self._consumer = consumer
         assigned = [TopicPartition(self._topic, p) for p in partitions]
         consumer.assign(assigned)

@@ -21,12 +21,17 @@ from pipeline.errors import ConfigError
 from workers.broker_features import detect_features
 from workers.kafka_access import KafkaAccess
 
-__all__ = ["max_request_size", "new_consumer", "new_producer", "new_producer_for"]
+__all__ = ["compression", "max_request_size", "new_consumer", "new_producer", "new_producer_for"]
 
 log = logging.getLogger("envpipe.stream")
 
 
 _TRANSACTION_TIMEOUT_MS = 10_000
+
+
+def compression(settings: Settings) -> dict[str, str | None]:
+    """The producer argument for ENVPIPE_COMPRESSION."""
+    return {"compression_type": None if settings.compression == "none" else settings.compression}
 
 
 def max_request_size(settings: Settings) -> int:
@@ -43,16 +48,15 @@ def new_producer(
     transactional_id: str | None = None,
 ) -> Any:
     """An acks=all producer; idempotent only where the broker was found to support it."""
-    compression = None if settings.compression == "none" else settings.compression
     return AIOKafkaProducer(
         **kafka.client_kwargs(),
+        **compression(settings),
         client_id=client_id,
         acks="all",
         enable_idempotence=idempotent or transactional_id is not None,
         transactional_id=transactional_id,
         # a killed worker's open transaction blocks read_committed readers until it expires
         transaction_timeout_ms=_TRANSACTION_TIMEOUT_MS,
-        compression_type=compression,
         linger_ms=settings.linger_ms,
         max_batch_size=settings.producer_max_batch_bytes,
         max_request_size=max_request_size(settings),

@@ -26,7 +26,7 @@ from aiokafka.errors import KafkaError
 from pipeline.config import Settings
 from pipeline.errors import EnvpipeError, RecordTooLarge
 from pipeline.keys_topic import KeysTopicReader, KeysTopicWriter
-from workers.clients import max_request_size, new_consumer, new_producer_for
+from workers.clients import compression, max_request_size, new_consumer, new_producer_for
 from workers.commits import Batch, Committer
 from workers.contract import dead_letter_headers, source_of
 from workers.flow import KMS, FlowControl, retrying
@@ -164,7 +164,13 @@ class StreamWorker:
         writer, reader = self._keys
         if self.transform.writes_headers(self.settings) and writer is None:
             await ensure_keys_topic(self.kafka, self.job.keys_out, like=self.job.dest)
-            writer = KeysTopicWriter(self.producer, self.job.keys_out)
+            if self.transactional_id:  # a header must be acknowledged outside any transaction
+                writer = await KeysTopicWriter.open(
+                    self.job.keys_out, **self.kafka.client_kwargs(), **compression(self.settings)
+                )
+            else:
+                writer = KeysTopicWriter(self.producer, self.job.keys_out)
+            self._keys = (writer, reader)  # closed at the end even if a retry follows
         if self.transform.reads_headers and reader is None:
             reader = await KeysTopicReader.open(
                 self.job.keys_in,
@@ -187,6 +193,8 @@ class StreamWorker:
         if reader is not None:
             await reader.close()
         await self.transform.close()
+        if self._keys[0] is not None:  # after the transform: no DEK is minted any more
+            await self._keys[0].close()  # stops its producer, if it has its own
 
     def _write_stats(self, path: Path) -> None:
         try:

@@ -15,11 +15,11 @@ one record.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import struct
 import time
+import zlib
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -33,6 +33,7 @@ from aiokafka.errors import KafkaConnectionError, KafkaError
 
 from pipeline.config import env_name
 from pipeline.errors import ConfigError, TopicError
+from pipeline.keys_topic import topic_partitions
 from workers.kafka_access import KafkaAccess
 
 __all__ = [
@@ -49,8 +50,11 @@ log = logging.getLogger("envpipe.topics")
 
 _TOPIC_ALREADY_EXISTS = 36
 _POLL_MS = 200
-_METADATA_WAIT_SECONDS = 10.0
 _MAX_REPLICATION = 3
+#: records stepped through to find an undecodable one (more than one fetch holds)
+_LOCATE_MAX_RECORDS = 200_000
+#: how long a fetch that returns nothing (a busy broker) is tried again while locating
+_LOCATE_WAIT_SECONDS = 10.0
 
 _COMPACT = {"cleanup.policy": "compact"}
 
@@ -121,22 +125,11 @@ async def consumer(
 
 
 async def _partitions(kafka: Any, topic: str) -> list[TopicPartition]:
-    """Every partition of `topic`, or a TopicError that says the topic does not exist.
-
-    A topic created moments ago may be listed before its partitions have leaders (Apache
-    Kafka says so for a few hundred milliseconds): the metadata is asked again meanwhile.
-    """
-    deadline = time.monotonic() + _METADATA_WAIT_SECONDS
-    while (partitions := kafka.partitions_for_topic(topic)) is None:
-        known = await kafka.topics()  # refreshes the metadata
-        if topic not in known:
-            listed = ", ".join(sorted(known)) or "none"
-            raise TopicError(f"topic {topic!r} does not exist (topics on the broker: {listed})")
-        if time.monotonic() > deadline:
-            raise TopicError(f"topic {topic!r} has no partition metadata yet; try again")
-        await asyncio.sleep(_POLL_MS / 1000)
-        # `topics()` reads a copy; only the client's own update feeds partitions_for_topic.
-        await kafka._client.force_metadata_update()
+    """Every partition of `topic`, or a TopicError that says the topic does not exist."""
+    partitions = await topic_partitions(kafka, topic)
+    if partitions is None:
+        listed = ", ".join(sorted(await kafka.topics())) or "none"
+        raise TopicError(f"topic {topic!r} does not exist (topics on the broker: {listed})")
     return [TopicPartition(topic, partition) for partition in sorted(partitions)]
 
 
@@ -189,21 +182,57 @@ async def scan(
 async def undecodable(kafka: Any, exc: BaseException) -> str:
     """Where the record batch that `exc` (from a fetch) could not decode sits, and why.
 
-    aiokafka does not say which partition failed, so each assigned one is fetched alone
-    from its current position (which the failure did not advance) until one fails again;
-    positions are restored. The answer names the topic, partition and offset.
+    aiokafka says neither which partition failed nor where: a fetch that fails returns none
+    of its records, not even those before the bad batch, and moves no position. So each
+    assigned partition is fetched alone from its position until one fails again, then read
+    one record at a time up to the first that cannot be decoded. Positions are restored.
+    The answer names the topic, partition and offset.
     """
-    why = f"{type(exc).__name__}: {exc}"
+    kind = type(exc).__name__
+    if kind.islower():  # zlib.error, say: name its module too
+        kind = f"{type(exc).__module__}.{kind}"
+    why = f"{kind}: {exc}"
     for tp in sorted(kafka.assignment()):
         position = await kafka.position(tp)
         try:
-            await kafka.getmany(tp, timeout_ms=_POLL_MS * 5, max_records=1)
-        except Exception:  # noqa: BLE001 - found it: whatever it raises, this is the one
-            where = f"{tp.topic}/{tp.partition} offset {position}"
-            return f"the record batch at {where} cannot be decoded ({why})"
+            if not await _fetch_fails(kafka, tp):
+                continue
+            kafka.seek(tp, position)
+            offset = await _first_undecodable(kafka, tp)
+            at = f"offset {offset}" if offset is not None else f"at or after offset {position}"
+            return f"the record batch at {tp.topic}/{tp.partition} {at} cannot be decoded ({why})"
         finally:
             kafka.seek(tp, position)
     return f"a fetched record batch cannot be decoded ({why}); it did not fail again alone"
+
+
+async def _fetch_fails(kafka: Any, tp: TopicPartition) -> bool:
+    """Whether fetching `tp` alone from its position fails (False once records come back,
+    or the partition is known to hold nothing more)."""
+    deadline = time.monotonic() + _LOCATE_WAIT_SECONDS
+    while not await _at_end(kafka, tp) and time.monotonic() < deadline:
+        try:
+            if await kafka.getmany(tp, timeout_ms=_POLL_MS * 5):
+                return False
+        except Exception:  # noqa: BLE001 - found it: whatever it raises, this is the one
+            return True
+    return False
+
+
+async def _first_undecodable(kafka: Any, tp: TopicPartition) -> int | None:
+    """The offset where reading `tp` one record at a time fails (the bad batch lies within
+    one fetch of the position, so this is bounded); None if it does not fail again."""
+    deadline = time.monotonic() + _LOCATE_WAIT_SECONDS
+    for _ in range(_LOCATE_MAX_RECORDS):
+        offset: int = await kafka.position(tp)
+        try:
+            if await kafka.getmany(tp, timeout_ms=_POLL_MS * 5, max_records=1):
+                deadline = time.monotonic() + _LOCATE_WAIT_SECONDS
+            elif await _at_end(kafka, tp) or time.monotonic() > deadline:
+                return None
+        except Exception:  # noqa: BLE001 - as above
+            return offset
+    return None
 
 
 #: What a fetch raises when a batch's bytes cannot be decoded: a codec library's own error,
@@ -212,6 +241,7 @@ DECODE_ERRORS = (
     Errors.CorruptRecordException,
     Errors.UnsupportedCodecError,
     cramjam.DecompressionError,
+    zlib.error,
     ValueError,
     EOFError,
     IndexError,
@@ -278,7 +308,14 @@ async def ensure_keys_topic(kafka: KafkaAccess, topic: str, like: str) -> None:
             policy = await _cleanup_policy(admin, topic)
         except KafkaError as exc:
             raise ConfigError(setting, f"cannot check the keys topic {topic}: {exc}") from exc
-    if policy is not None and "compact" not in policy:
+    if policy is None:
+        log.warning(
+            "the broker does not report the cleanup.policy of the keys topic %s: make sure "
+            "it is compact, or its headers may expire (%s)",
+            topic,
+            setting,
+        )
+    elif "compact" not in policy:
         raise ConfigError(
             setting,
             f"the keys topic {topic} exists with cleanup.policy={policy}: its headers would "
