@@ -7,6 +7,7 @@ asks for `vault_env` or `pkcs11_env`; `provider_env` runs a test once per provid
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -26,6 +27,20 @@ def pytest_configure(config: pytest.Config) -> None:
         kafka_jars.maven_binary()
     elif BROKER != "tansu":
         raise pytest.UsageError(f"ENVPIPE_TEST_BROKER={BROKER!r}: must be tansu or kafka")
+
+
+@pytest.fixture(autouse=True)
+def _own_loggers_restored() -> Iterator[None]:
+    """A test that runs a command in process (`inspect.run`, say) reconfigures envpipe's
+    loggers; put them back, so the next test's caplog sees what it expects."""
+    names = ("envpipe", "pipeline", "workers", "")
+    saved = {
+        name: (logging.getLogger(name).level, logging.getLogger(name).handlers[:]) for name in names
+    }
+    yield
+    for name, (level, handlers) in saved.items():
+        logging.getLogger(name).setLevel(level)
+        logging.getLogger(name).handlers[:] = handlers
 
 
 @pytest.fixture(scope="session")
