@@ -515,3 +515,55 @@ def test_docker_build_copies_what_the_wheel_build_reads() -> None:
         if path.is_file() and "__pycache__" not in path.parts
     ]
     assert [path for path in files if dockerignored(path, patterns)] == []
+
+
+# --- the Kafka it describes is the Kafka the tests run ------------------------------------
+
+#: Settings where compose deliberately differs from the tested broker: compose creates its
+#: topics up front, so a typo must fail rather than make a new topic.
+_COMPOSE_ONLY = {"auto.create.topics.enable"}
+#: Per-node facts (ports, ids, paths, listeners) that differ by nature between the two.
+_PER_NODE = {
+    "node.id",
+    "controller.quorum.voters",
+    "controller.listener.names",
+    "inter.broker.listener.name",
+    "log.dirs",
+    "listeners",
+    "advertised.listeners",
+    "listener.security.protocol.map",
+    "num.network.threads",
+    "num.io.threads",
+}
+
+
+def test_compose_runs_the_kafka_version_the_tests_run(services: dict[str, Service]) -> None:
+    from workers.dev.kafka_jars import KAFKA_VERSION
+
+    images = {
+        name: service["image"]
+        for name, service in services.items()
+        if str(service.get("image", "")).startswith("apache/kafka:")
+    }
+    assert images, "no service runs apache/kafka"
+    assert set(images.values()) == {f"apache/kafka:{KAFKA_VERSION}"}, images
+
+
+def test_compose_kraft_settings_agree_with_the_tested_broker(
+    services: dict[str, Service], tmp_path: Path
+) -> None:
+    from workers.dev.apache_kafka import NodeLayout, server_properties
+
+    tested = dict(
+        line.split("=", 1)
+        for line in server_properties(NodeLayout(1, 9092, 9093, tmp_path), "1@localhost:9093")
+        .strip()
+        .splitlines()
+    )
+    environment = services["kafka"]["environment"]
+    for name, value in tested.items():
+        if name in _PER_NODE | _COMPOSE_ONLY:
+            continue
+        variable = "KAFKA_" + name.upper().replace(".", "_")
+        assert str(environment.get(variable)) == value, f"{variable}: compose vs tested {value}"
+    assert str(environment["KAFKA_AUTO_CREATE_TOPICS_ENABLE"]) == "false"
