@@ -24,6 +24,7 @@ import yaml
 
 from pipeline.config import CONFIG_FILE_ENV, Settings, env_name, load_settings
 from workers.cli import main as envpipe_cli
+from workers.dev.apache_kafka import VERSION_ENV as DEV_KAFKA_VERSION_ENV
 from workers.metrics import METRIC_FAMILIES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,8 +44,10 @@ PROMETHEUS_DEFAULT_CONFIG = "/etc/prometheus/prometheus.yml"
 GRAFANA_DEFAULT_PROVISIONING = "/etc/grafana/provisioning"
 
 WORKER_COMMANDS = frozenset({"encrypt", "decrypt"})
+#: Settings, plus the names the dev tools read (deploy.md tells users about them too).
 KNOWN_ENVPIPE_NAMES = frozenset(
-    {env_name(spec.name) for spec in dataclasses.fields(Settings)} | {CONFIG_FILE_ENV}
+    {env_name(spec.name) for spec in dataclasses.fields(Settings)}
+    | {CONFIG_FILE_ENV, DEV_KAFKA_VERSION_ENV}
 )
 ENVPIPE_NAME = re.compile(r"\bENVPIPE_[A-Z0-9_]+")
 METRIC_NAME = re.compile(r"\benvpipe_[a-z_]+")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import socket
 import struct
 
-from workers.dev.kafka_probe import NotReady, metadata_brokers
+from workers.dev.kafka_probe import NotReady, kafka_call, metadata_brokers
 
 __all__ = ["brokers_registered", "coordinators_ready"]
 
@@ -49,7 +49,9 @@ def coordinators_ready(
 def brokers_registered(host: str, port: int, expected: int) -> None:
     """Raise NotReady or OSError until the broker's metadata lists `expected` live brokers."""
     with socket.create_connection((host, port), timeout=_TIMEOUT_SECONDS) as sock:
-        brokers = metadata_brokers(_call(sock, _METADATA, 0, struct.pack(">i", 0)))
+        brokers = metadata_brokers(
+            kafka_call(sock, api_key=_METADATA, version=0, body=struct.pack(">i", 0))
+        )
     if len(brokers) < expected:
         raise NotReady(f"{len(brokers)} of {expected} brokers registered")
 
@@ -57,7 +59,7 @@ def brokers_registered(host: str, port: int, expected: int) -> None:
 def _find_coordinator(sock: socket.socket, key: str, key_type: int) -> tuple[str, int]:
     """FindCoordinator v1: the coordinator's (host, port)."""
     body = _string(key) + struct.pack(">b", key_type)
-    response = _call(sock, _FIND_COORDINATOR, 1, body)
+    response = kafka_call(sock, api_key=_FIND_COORDINATOR, version=1, body=body)
     _throttle, error = struct.unpack_from(">ih", response)
     if error != 0:
         what = "group" if key_type == _GROUP else "transaction"
@@ -74,7 +76,7 @@ def _find_coordinator(sock: socket.socket, key: str, key_type: int) -> tuple[str
 def _init_producer_id(sock: socket.socket, transactional_id: str | None) -> None:
     """InitProducerId v0; NotReady unless the broker hands out a producer id."""
     body = _string(transactional_id) + struct.pack(">i", 60_000)
-    response = _call(sock, _INIT_PRODUCER_ID, 0, body)
+    response = kafka_call(sock, api_key=_INIT_PRODUCER_ID, version=0, body=body)
     _throttle, error, producer_id = struct.unpack_from(">ihq", response)
     if error != 0 or producer_id < 0:
         kind = "a transactional" if transactional_id else "an idempotent"
@@ -86,27 +88,3 @@ def _string(text: str | None) -> bytes:
         return struct.pack(">h", -1)
     raw = text.encode()
     return struct.pack(">h", len(raw)) + raw
-
-
-def _call(sock: socket.socket, api_key: int, version: int, body: bytes) -> bytes:
-    """One request with a v1 header; the response after its correlation id."""
-    client_id = b"envpipe-dev"
-    correlation_id = api_key
-    header = struct.pack(">hhih", api_key, version, correlation_id, len(client_id)) + client_id
-    request = header + body
-    sock.sendall(struct.pack(">i", len(request)) + request)
-    (size,) = struct.unpack(">i", _recv_exactly(sock, 4))
-    response = _recv_exactly(sock, size)
-    if struct.unpack_from(">i", response)[0] != correlation_id:
-        raise NotReady("the broker answered with a wrong correlation id")
-    return response[4:]
-
-
-def _recv_exactly(sock: socket.socket, size: int) -> bytes:
-    data = bytearray()
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        if not chunk:
-            raise NotReady("the broker closed the connection")
-        data += chunk
-    return bytes(data)

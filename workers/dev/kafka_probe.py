@@ -10,7 +10,7 @@ from __future__ import annotations
 import socket
 import struct
 
-__all__ = ["NotReady", "probe_kafka"]
+__all__ = ["NotReady", "kafka_call", "metadata_brokers", "probe_kafka"]
 
 _PROBE_TIMEOUT_SECONDS = 1.0
 
@@ -23,21 +23,22 @@ def probe_kafka(host: str, port: int, advertised_port: int | None = None) -> Non
     """Raise NotReady or OSError unless the broker at `host:port` serves Kafka and advertises
     `host:advertised_port` (default: its own port) among its brokers."""
     with socket.create_connection((host, port), timeout=_PROBE_TIMEOUT_SECONDS) as sock:
-        (error_code,) = struct.unpack_from(">h", _kafka_call(sock, api_key=18, body=b""))
+        (error_code,) = struct.unpack_from(">h", kafka_call(sock, api_key=18, body=b""))
         if error_code != 0:
             raise NotReady(f"ApiVersions returned error code {error_code}")
         # Metadata v0 with an empty topic list: the brokers, then all topics.
-        metadata = _kafka_call(sock, api_key=3, body=struct.pack(">i", 0))
+        metadata = kafka_call(sock, api_key=3, body=struct.pack(">i", 0))
     advertised = advertised_port or port
     if (host, advertised) not in metadata_brokers(metadata):
         raise NotReady(f"the broker does not advertise {host}:{advertised}")
 
 
-def _kafka_call(sock: socket.socket, *, api_key: int, body: bytes) -> bytes:
-    """One version-0 Kafka request; returns the response after its correlation id."""
+def kafka_call(sock: socket.socket, *, api_key: int, body: bytes, version: int = 0) -> bytes:
+    """One Kafka request (a v1 request header); returns the response after its correlation id."""
     client_id = b"envpipe-dev"
     correlation_id = api_key  # one request per API per connection
-    request = struct.pack(">hhih", api_key, 0, correlation_id, len(client_id)) + client_id + body
+    header = struct.pack(">hhih", api_key, version, correlation_id, len(client_id)) + client_id
+    request = header + body
     sock.sendall(struct.pack(">i", len(request)) + request)
     (size,) = struct.unpack(">i", _recv_exactly(sock, 4))
     response = _recv_exactly(sock, size)
