@@ -28,7 +28,7 @@ from pipeline.aead import DEK_SIZE, Opener
 from pipeline.avro import read_long
 from pipeline.cache import DecryptDekCache
 from pipeline.config import Settings, env_name
-from pipeline.envelope import Header, decode_header, signed_bytes, split_body
+from pipeline.envelope import Header, decode_header, signed_bytes
 from pipeline.errors import (
     ConfigError,
     DecryptionError,
@@ -158,6 +158,9 @@ class Decryptor:
         """
         batch = records if isinstance(records, Sequence) else list(records)
         openers = await self._openers(batch)
+        first = openers[0] if openers else None
+        if isinstance(first, Opener) and openers.count(first) == len(openers):
+            return first.open_many(batch)  # the common case: the whole batch under one DEK
         return [
             opener if isinstance(opener, DecryptionError) else _open_with(opener, value, key)
             for opener, (value, key) in zip(openers, batch, strict=True)
@@ -183,10 +186,19 @@ class Decryptor:
         """The opener of every record (or why it has none), loading unseen prefixes at once."""
         openers: list[Opener | DecryptionError] = []
         unseen: dict[bytes, tuple[Header | None, list[int]]] = {}
+        # Records under one DEK come in runs: the previous record's opener, fresh from the
+        # cache a moment ago, serves the rest of its run (each still counts as a cache hit).
+        last: Opener | None = None
+        reused = 0
         for index, (value, _) in enumerate(batch):
+            if last is not None and value.startswith(last.prefix):
+                openers.append(last)
+                reused += 1
+                continue
             opener = self._recent_opener(value)
             if opener is not None:
                 openers.append(opener)
+                last = opener
                 continue
             openers.append(_PLACEHOLDER)
             prefix = next((seen for seen in unseen if value.startswith(seen)), None)
@@ -198,6 +210,8 @@ class Decryptor:
                     continue
                 unseen[prefix] = (header, [])
             unseen[prefix][1].append(index)
+        if reused:
+            self.cache.stats["hit"] += reused
         loaded = await asyncio.gather(
             *(self._load(prefix, header) for prefix, (header, _) in unseen.items()),
             return_exceptions=True,
@@ -297,8 +311,7 @@ def _prefix_of(value: bytes) -> tuple[bytes, Header | None]:
 
 def _open_with(opener: Opener, value: bytes, key: bytes | None) -> bytes | DecryptionError:
     try:
-        nonce, ciphertext = split_body(value, len(opener.prefix))
-        return opener.open(nonce, ciphertext, key)
+        return opener.open_value(value, key)
     except DecryptionError as exc:
         return exc
 
