@@ -9,18 +9,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from benchmarks.pipeline_stage import IMPLS
 from benchmarks.report_targets import SIZES, get, ratio
 
 CRYPTO_IMPLS = ("aead_only", "floor", "envpipe", "aws_esdk", "confluent_csfle")
-PIPELINE_IMPLS = (
-    "passthrough",
-    "passthrough_padded",
-    "envpipe_encrypt",
-    "envpipe_encrypt_v2",
-    "envpipe_decrypt",
-    "envpipe_decrypt_v2",
-    "faust_encrypt",
-)
+PIPELINE_IMPLS = IMPLS
 PERCENTILES = ("p50", "p99", "p999")
 #: the v1/v2 trade-off rows: (label, implementation, codec)
 TRADE_ROWS = (

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -147,6 +148,7 @@ def main(*, out: Path, quick: bool = False, smoke: bool = False) -> int:
     """Run the benchmark and write results.json, results.md, details.json and PNGs to `out`."""
     mode = "smoke" if smoke else "quick" if quick else "full"
     plan = PLANS[mode]
+    signal.signal(signal.SIGTERM, _interrupt)  # stop like Ctrl-C: every service is stopped
     progress = Progress()
     machine = machine_info()
     machine["bench_mode"] = mode
@@ -195,6 +197,10 @@ def _on_tansu(plan: Plan, logs: Path, progress: Progress) -> Measured:
         budget=budget,
         pipeline=pipeline,
     )
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 @contextlib.contextmanager

@@ -47,6 +47,8 @@ class Outbox:
         self._partitioner = DefaultPartitioner()
         self._partitions: dict[str, list[int]] = {}
         self._builders: dict[tuple[str, int], Any] = {}
+        #: the slot whose batch `try_add` last found full
+        self._full: tuple[str, int] = ("", -1)
         #: one future per partition batch handed to the producer; done when acknowledged
         self.futures: list[asyncio.Future[Any]] = []
 
@@ -70,10 +72,10 @@ class Outbox:
         builder = self._builders.get(slot)
         if builder is None:
             builder = self._builders[slot] = self._producer.create_batch()
-        return (
-            builder.append(timestamp=timestamp_ms, key=key, value=value, headers=headers)
-            is not None
-        )
+        if builder.append(timestamp=timestamp_ms, key=key, value=value, headers=headers) is None:
+            self._full = slot  # the batch is full (and closed now): `add` sends it
+            return False
+        return True
 
     async def add(
         self,
@@ -86,14 +88,12 @@ class Outbox:
         """Queue one record; raises RecordTooLarge if it could never be produced."""
         if self.try_add(topic, key, value, timestamp_ms, headers):
             return
-        partitions = self._partitions.get(topic) or await self._partitions_of(topic)
-        slot = (topic, self._partition(key, partitions))
-        builder = self._builders.get(slot)
-        if builder is not None:
-            appended = builder.append(timestamp=timestamp_ms, key=key, value=value, headers=headers)
-            if appended is not None:
+        if topic not in self._partitions:
+            await self._partitions_of(topic)
+            if self.try_add(topic, key, value, timestamp_ms, headers):
                 return
-            await self._send(slot, builder)  # full: a fresh builder always takes one record
+        slot = self._full
+        await self._send(slot, self._builders[slot])  # a fresh builder always takes one record
         builder = self._builders[slot] = self._producer.create_batch()
         builder.append(timestamp=timestamp_ms, key=key, value=value, headers=headers)
 
