@@ -26,7 +26,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check pipeline workers tests benchmarks
 
 typecheck: $(STAMP)
-	$(BIN)/mypy --strict pipeline workers
+	$(BIN)/mypy --strict pipeline workers benchmarks
 
 unit: $(STAMP) softhsm
 	$(BIN)/pytest -q

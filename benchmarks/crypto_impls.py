@@ -27,6 +27,7 @@ from pipeline.envelope import (
     record_key_suffix,
     signed_bytes,
 )
+from pipeline.errors import SealError
 from pipeline.kms import CountingKms, open_kms
 
 #: The encryption context every implementation binds (envpipe's default for stream "bench").
@@ -73,6 +74,39 @@ class AsyncImpl(Impl, Protocol):
 
     async def seal(self, value: bytes) -> bytes: ...
     async def open(self, blob: bytes) -> bytes: ...
+
+
+class AeadOnly:
+    """AES-256-GCM alone, nonce and AAD computed beforehand: the limit of any Python sealer.
+
+    One nonce for every record: never do this with a real key. It is a measurement of what
+    `AESGCM.encrypt` itself costs, with no framing, no nonce sequence and no cache lookup.
+    """
+
+    asynchronous: ClassVar[bool] = False
+    note = "AESGCM.encrypt/decrypt, one precomputed nonce and AAD, no framing (the Python limit)"
+
+    def __init__(self, context: ImplContext) -> None:
+        header, _ = decode_header(context.sample_envelope)
+        self._aesgcm = AESGCM(AESGCM.generate_key(bit_length=256))
+        self._nonce = os.urandom(NONCE_SIZE)
+        self._aad = aad_prefix(signed_bytes(header)) + record_key_suffix(None)
+
+    def seal(self, value: bytes) -> bytes:
+        return self._aesgcm.encrypt(self._nonce, value, self._aad)
+
+    def open(self, blob: bytes) -> bytes:
+        return self._aesgcm.decrypt(self._nonce, blob, self._aad)
+
+    async def seal_batch(self, values: list[bytes]) -> list[bytes]:
+        encrypt, nonce, aad = self._aesgcm.encrypt, self._nonce, self._aad
+        return [encrypt(nonce, value, aad) for value in values]
+
+    def kms_calls(self) -> int:
+        return 0
+
+    async def close(self) -> None:
+        return None
 
 
 class Floor:
@@ -148,6 +182,10 @@ class Envpipe:
     async def open(self, blob: bytes) -> bytes:
         return await self._decryptor.open(blob)
 
+    async def seal_batch(self, values: list[bytes]) -> list[bytes | SealError]:
+        """`Encryptor.seal_many` over a worker-sized batch, as the encrypt worker calls it."""
+        return await self._encryptor.seal_many([(value, None) for value in values])
+
     def kms_calls(self) -> int:
         return sum(self._kms.calls.values())
 
@@ -159,11 +197,17 @@ class Envpipe:
 
 #: Implementation name -> "module:factory"; a factory is `async (ImplContext) -> impl`.
 FACTORIES = {
+    "aead_only": "benchmarks.crypto_impls:create_aead_only",
     "floor": "benchmarks.crypto_impls:create_floor",
     "envpipe": "benchmarks.crypto_impls:create_envpipe",
     "aws_esdk": "benchmarks.peers.aws_esdk:create",
     "confluent_csfle": "benchmarks.peers.confluent_csfle:create",
 }
+
+
+async def create_aead_only(context: ImplContext) -> AeadOnly:
+    """AES-GCM alone needs no service."""
+    return AeadOnly(context)
 
 
 async def create_floor(context: ImplContext) -> Floor:

@@ -14,27 +14,20 @@ instance needed, warm-up included: the DEK fetch, the header signature, the unwr
 from __future__ import annotations
 
 import array
-import asyncio
 import contextlib
 import multiprocessing
-import os
-import random
-import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection
 from typing import Any, cast
 
-from benchmarks import crypto_impls
-from benchmarks.crypto_impls import AsyncImpl, ImplContext, SyncImpl
-from benchmarks.measure import Progress, cdf_points, peak_rss_mib, percentiles
+from benchmarks.crypto_child import child_main
+from benchmarks.crypto_impls import ImplContext
+from benchmarks.measure import Progress, cdf_points, median, percentiles
 
-IMPLS = ("floor", "envpipe", "aws_esdk", "confluent_csfle")
+IMPLS = ("aead_only", "floor", "envpipe", "aws_esdk", "confluent_csfle")
 SIZES = (256, 1024, 16384)
-_DISTINCT_PAYLOADS = 64
-_CHUNK = 128
-_MIN_RECORDS = 100
-_ERROR_CHARS = 300
+#: the payload size whose whole-batch seal is timed too (`seal_batch`, a worker's batch)
+BATCH_SIZE = 1024
 _CHILD_START_TIMEOUT = 120.0
 _CHILD_RUN_TIMEOUT = 300.0
 
@@ -47,122 +40,9 @@ class CryptoPlan:
     budget_seconds: float
     max_records: int
     warmup_records: int
-
-
-# --- the child process ------------------------------------------------------------------------
-
-
-def payloads(size: int, seed: int = 4) -> list[bytes]:
-    """The same distinct payloads for every implementation (deterministic, incompressible)."""
-    rng = random.Random(f"{seed}:{size}")
-    return [rng.randbytes(size) for _ in range(_DISTINCT_PAYLOADS)]
-
-
-async def _timed_sync(
-    fn: Callable[[bytes], bytes], inputs: Sequence[bytes], out: list[bytes], ns: array.array[int]
-) -> None:
-    clock = time.perf_counter_ns
-    append, record = out.append, ns.append
-    for item in inputs:
-        start = clock()
-        result = fn(item)
-        record(clock() - start)
-        append(result)
-
-
-async def _timed_async(
-    fn: Callable[[bytes], Awaitable[bytes]],
-    inputs: Sequence[bytes],
-    out: list[bytes],
-    ns: array.array[int],
-) -> None:
-    clock = time.perf_counter_ns
-    append, record = out.append, ns.append
-    for item in inputs:
-        start = clock()
-        result = await fn(item)
-        record(clock() - start)
-        append(result)
-
-
-async def _measure(
-    impl: SyncImpl | AsyncImpl, inputs: list[bytes], budget: float, cap: int
-) -> dict[str, Any]:
-    """Seal and open chunks for up to `budget` seconds (at least `_MIN_RECORDS` records).
-
-    Each chunk is sealed, then opened and checked, then dropped: memory stays flat, so the
-    process's peak RSS is the implementation's, not the harness's.
-    """
-    timed: Any = _timed_async if impl.asynchronous else _timed_sync
-    seal_ns: array.array[int] = array.array("q")
-    open_ns: array.array[int] = array.array("q")
-    count = 0
-    envelope_bytes = 0
-    start = time.perf_counter()
-    while count < cap and (count < _MIN_RECORDS or time.perf_counter() - start < budget):
-        chunk = [inputs[(count + i) % len(inputs)] for i in range(min(_CHUNK, cap - count))]
-        sealed: list[bytes] = []
-        opened: list[bytes] = []
-        await timed(impl.seal, chunk, sealed, seal_ns)
-        await timed(impl.open, sealed, opened, open_ns)
-        if opened != chunk:
-            raise RuntimeError("a record did not round-trip")
-        envelope_bytes += sum(map(len, sealed))
-        count += len(chunk)
-    return {
-        "seal_ns": seal_ns.tobytes(),
-        "open_ns": open_ns.tobytes(),
-        "count": count,
-        "envelope_bytes": envelope_bytes,
-    }
-
-
-async def _serve(name: str, context: ImplContext, conn: Connection) -> None:
-    """Answer the parent's commands until told to exit: start SIZE, run, stop, exit."""
-    loop = asyncio.get_running_loop()
-    impl: SyncImpl | AsyncImpl | None = None
-    inputs: list[bytes] = []
-    while True:
-        # A thread waits on the pipe, so DEK refreshes can run meanwhile.
-        command, *args = await loop.run_in_executor(None, conn.recv)
-        try:
-            if command == "start":
-                size, warmup = args
-                if impl is not None:
-                    await impl.close()
-                impl = await crypto_impls.create(name, context)
-                inputs = payloads(size)
-                await _measure(impl, inputs, 0.0, warmup)  # warm every cache and code path
-                conn.send(("ok", impl.note))
-            elif command == "run":
-                budget, cap = args
-                conn.send(("ok", await _measure(_started(impl), inputs, budget, cap)))
-            elif command == "stop":
-                calls = _started(impl).kms_calls()
-                await _started(impl).close()
-                impl = None
-                conn.send(("ok", calls))
-            else:  # exit
-                conn.send(("ok", peak_rss_mib()))
-                return
-        except Exception as exc:
-            hint = " (install the peers: pip install 'envpipe[bench]')"
-            why = f"{type(exc).__name__}: {exc}"[:_ERROR_CHARS]
-            conn.send(("error", why + (hint if isinstance(exc, ImportError) else "")))
-
-
-def _started(impl: SyncImpl | AsyncImpl | None) -> SyncImpl | AsyncImpl:
-    if impl is None:
-        raise RuntimeError("no implementation started (its start failed)")
-    return impl
-
-
-def child_main(name: str, environ: dict[str, str], context: ImplContext, conn: Connection) -> None:
-    """Entry point of an implementation's process (spawned, so it shares nothing with us)."""
-    os.environ.update(environ)
-    import uvloop  # noqa: PLC0415 - the stack's event loop, as in the workers
-
-    uvloop.run(_serve(name, context, conn))
+    #: records per timed `seal_batch` call, and calls per round
+    batch_records: int = 2000
+    batch_repeats: int = 10
 
 
 # --- the parent -------------------------------------------------------------------------------
@@ -177,6 +57,8 @@ class _Cell:
     count: int = 0
     envelope_bytes: int = 0
     kms_calls: int = 0
+    #: per round, the median µs per record of a whole `seal_batch` call (BATCH_SIZE only)
+    batch_us: list[float] = field(default_factory=list)
     error: str | None = None
 
 
@@ -234,6 +116,8 @@ class CryptoResults:
     results: dict[str, Any]
     details: dict[str, Any]
     peak_rss_mib: dict[str, float | None]
+    #: results.json's `crypto_batch`: µs per record of one batch call, by implementation
+    batch: dict[str, Any] = field(default_factory=dict)
 
 
 def run_crypto_stage(
@@ -292,7 +176,7 @@ def run_crypto_stage(
         },
     }
     results = {name: _results_of(cells[name]) for name in impls}
-    return CryptoResults(results, details, peak)
+    return CryptoResults(results, details, peak, _batch_of(cells, plan))
 
 
 def _measure_size(
@@ -321,6 +205,16 @@ def _measure_size(
                 cell.error = f"failed while measuring: {exc}"
                 progress(f"crypto {remote.name} {size} B: {cell.error}")
                 continue
+            if size == BATCH_SIZE:
+                try:
+                    batch = remote.call(
+                        _CHILD_RUN_TIMEOUT, "batch", plan.batch_records, plan.batch_repeats
+                    )
+                except _REMOTE_ERRORS as exc:
+                    progress(f"crypto {remote.name} {size} B: batch timing failed: {exc}")
+                    batch = None
+                if batch is not None:
+                    cell.batch_us.append(batch)
             cell.seal_ns.extend(array.array("q", run["seal_ns"]))
             cell.open_ns.extend(array.array("q", run["open_ns"]))
             cell.count += run["count"]
@@ -354,3 +248,19 @@ def _results_of(by_size: dict[int, _Cell]) -> dict[str, Any]:
 
 def _rounded(summary: dict[str, float]) -> dict[str, float]:
     return {name: round(value, 2) for name, value in summary.items()}
+
+
+def _batch_of(cells: dict[str, dict[int, _Cell]], plan: CryptoPlan) -> dict[str, Any]:
+    """`seal_batch` per record (median over rounds), and envpipe's `seal_many` over aead_only."""
+    per_record = {
+        name: round(median(by_size[BATCH_SIZE].batch_us), 3)
+        for name, by_size in cells.items()
+        if BATCH_SIZE in by_size and by_size[BATCH_SIZE].batch_us
+    }
+    ours, floor = per_record.get("envpipe"), per_record.get("aead_only")
+    return {
+        "value_bytes": BATCH_SIZE,
+        "records_per_call": plan.batch_records,
+        "us_per_record": per_record,
+        "seal_many_x_aead_only": round(ours / floor, 2) if ours and floor else None,
+    }

@@ -41,7 +41,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, utils
 
 from benchmarks import load as producing
 from benchmarks.measure import machine_info, median
-from benchmarks.memory import rss_mib
+from benchmarks.memory_sampling import rss_mib
 from benchmarks.services import Child, child_environ, dev_services
 from pipeline import envelope_v2
 from pipeline.config import load_settings

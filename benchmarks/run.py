@@ -1,36 +1,61 @@
-"""`envpipe bench`: both stages in one run, on one embedded broker and KMS, then the report.
+"""`envpipe bench`: every stage in one run, then the report.
 
-Modes: `full` (about fifteen minutes), `quick` (about two), `smoke` (tiny counts, pipeline
-runs overlapping; it exercises every code path for the test suite and its figures mean
-nothing). Progress goes to stderr; the files go to `--out`.
+Stages, in order: on one embedded broker and moto, the envelope sizes (exact, per format and
+value size, and how the demo's JSON compresses before and after sealing), the crypto stage
+(`crypto_stage`), the KMS budget (`kms_budget`) and the pipeline stage (`pipeline_stage`);
+then, each on services of its own, the codec stage (`codec_stage`: bytes at the broker behind
+a counting proxy), the provider stage (`provider_stage`: aws, vault, pkcs11) and the pipeline
+stage on Apache Kafka (`kafka_stage`, skipped with a reason without Java 17 and Maven).
+
+Modes: `full` (about twenty minutes), `quick` (four to five: one round, burst and paced runs
+only for the v1 workers, the codec table's trade-off rows only, no Apache Kafka), `smoke` (tiny
+counts, runs overlapping; it exercises every code path for the test suite and its figures
+mean nothing). Most of a run is fixed cost per worker: the embedded broker answers a group
+join after half the session timeout, 5 s. Progress goes to stderr; the files go to `--out`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import random
+import signal
 import sys
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from benchmarks.assemble import Measured, details_json, results_json
+from benchmarks.codec_stage import CodecPlan, run_codec_stage
 from benchmarks.crypto_impls import STREAM, ImplContext
-from benchmarks.crypto_stage import CryptoPlan, CryptoResults, run_crypto_stage
-from benchmarks.kms_budget import KmsBudget, measure_kms_budget
-from benchmarks.load import Pair
+from benchmarks.crypto_stage import CryptoPlan, run_crypto_stage
+from benchmarks.envelopes import json_compression, overhead_by_size, prepare_inputs, random_pairs
+from benchmarks.kafka_stage import run_kafka_stage
+from benchmarks.kms_budget import measure_kms_budget
 from benchmarks.measure import Progress, machine_info
-from benchmarks.pipeline_stage import Inputs, PipelinePlan, PipelineResults, PipelineStage
-from benchmarks.report import light_load_rows, targets, write_all
+from benchmarks.pipeline_stage import PipelinePlan, PipelineStage
+from benchmarks.provider_stage import ProviderPlan, run_provider_stage
+from benchmarks.report import write_all
+from benchmarks.report_targets import goals, targets
 from benchmarks.services import child_environ, dev_services
-from pipeline.config import Settings, load_settings
-from pipeline.encryptor import Encryptor
-from pipeline.kms import CountingKms, open_kms
+from pipeline.config import load_settings
 from workers.runtime import run as run_async
 
-_VALUE_SIZE = 1024
-_DISTINCT_RECORDS = 1000
+#: the rows the light runs need (the light-load goal compares these with the passthrough)
+_LIGHT = (
+    "passthrough",
+    "envpipe_encrypt",
+    "envpipe_encrypt_v2",
+    "envpipe_decrypt",
+    "envpipe_decrypt_v2",
+)
+#: the v1 rows the quick mode's burst and paced runs keep (the issue-4 targets need them)
+_QUICK_QUEUED = ("passthrough", "envpipe_encrypt", "envpipe_decrypt")
+#: the quick mode's codec table: the v1/v2 trade-off rows and the passthrough beside them
+_QUICK_CODECS = (
+    ("passthrough", ("none", "lz4", "zstd")),
+    ("envpipe_encrypt", ("none", "lz4", "zstd")),
+    ("envpipe_encrypt_v2", ("none", "lz4")),
+)
 
 
 @dataclass(frozen=True)
@@ -40,11 +65,22 @@ class Plan:
     crypto: CryptoPlan
     pipeline: PipelinePlan
     kms_records: int
+    codecs: CodecPlan
+    providers: ProviderPlan
+    #: the pipeline stage on Apache Kafka; None: not in this mode
+    kafka: PipelinePlan | None
 
 
 PLANS = {
     "smoke": Plan(
-        CryptoPlan(rounds=1, budget_seconds=0.02, max_records=200, warmup_records=20),
+        CryptoPlan(
+            rounds=1,
+            budget_seconds=0.02,
+            max_records=200,
+            warmup_records=20,
+            batch_records=200,
+            batch_repeats=2,
+        ),
         PipelinePlan(
             records=1000,
             paced_records=500,
@@ -55,6 +91,9 @@ PLANS = {
             concurrent=True,
         ),
         kms_records=5000,
+        codecs=CodecPlan(records=500, rounds=1, idle_seconds=1.0, concurrent=True),
+        providers=ProviderPlan(calls=10, records=500, rounds=1, idle_seconds=1.0),
+        kafka=None,
     ),
     "quick": Plan(
         CryptoPlan(rounds=2, budget_seconds=0.25, max_records=50_000, warmup_records=200),
@@ -66,11 +105,17 @@ PLANS = {
             rounds=1,
             idle_seconds=1.0,
             warmup_records=20_000,
+            only={"burst": _QUICK_QUEUED, "paced": _QUICK_QUEUED, "light": _LIGHT},
         ),
         kms_records=1_200_000,
+        codecs=CodecPlan(records=30_000, rounds=1, idle_seconds=0.5, configs=_QUICK_CODECS),
+        providers=ProviderPlan(calls=200, records=30_000, rounds=1, idle_seconds=1.0),
+        kafka=None,
     ),
     "full": Plan(
-        CryptoPlan(rounds=5, budget_seconds=1.5, max_records=200_000, warmup_records=500),
+        CryptoPlan(
+            rounds=4, budget_seconds=1.0, max_records=200_000, warmup_records=500, batch_repeats=20
+        ),
         PipelinePlan(
             records=100_000,
             paced_records=100_000,
@@ -79,8 +124,23 @@ PLANS = {
             rounds=3,
             idle_seconds=1.5,
             warmup_records=50_000,
+            queued_rounds=2,
+            only={"light": _LIGHT},
         ),
         kms_records=3_000_000,
+        codecs=CodecPlan(records=40_000, rounds=2, idle_seconds=1.5, warmup_records=20_000),
+        providers=ProviderPlan(calls=300, records=50_000, rounds=2, idle_seconds=1.5),
+        kafka=PipelinePlan(
+            records=100_000,
+            paced_records=60_000,
+            slow_records=0,
+            slow_paced_records=0,
+            rounds=2,
+            idle_seconds=1.5,
+            warmup_records=50_000,
+            queued_rounds=1,
+            only={"light": ("passthrough", "envpipe_encrypt", "envpipe_decrypt")},
+        ),
     ),
 }
 
@@ -89,33 +149,59 @@ def main(*, out: Path, quick: bool = False, smoke: bool = False) -> int:
     """Run the benchmark and write results.json, results.md, details.json and PNGs to `out`."""
     mode = "smoke" if smoke else "quick" if quick else "full"
     plan = PLANS[mode]
+    signal.signal(signal.SIGTERM, _interrupt)  # stop like Ctrl-C: every service is stopped
     progress = Progress()
     machine = machine_info()
     machine["bench_mode"] = mode
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     progress(f"{mode} run; starting the embedded broker and KMS")
+    measured = _on_tansu(plan, logs, progress)
+    measured.codecs = run_async(run_codec_stage(plan.codecs, logs, progress))
+    measured.providers = run_async(run_provider_stage(plan.providers, logs, progress))
+    if plan.kafka is None:
+        measured.kafka = {"skipped": f"not in a {mode} run (full runs only)"}
+        progress(f"Apache Kafka: {measured.kafka['skipped']}")
+    else:
+        measured.kafka, measured.kafka_pipeline = run_async(
+            run_kafka_stage(plan.kafka, logs, progress, STREAM)
+        )
+    machine["seconds"] = round(progress.elapsed, 1)
+    results, details = results_json(machine, mode, measured), details_json(plan, measured)
+    written = write_all(out, results, details)
+    for name, measured_value, met in [*goals(results), *targets(results, details)]:
+        verdict = {True: "met", False: "MISSED", None: "not measured"}[met]
+        progress(f"target {verdict:>12}: {name}: {measured_value}")
+    progress(f"wrote {', '.join(str(path) for path in written)}")
+    return 0
+
+
+def _on_tansu(plan: Plan, logs: Path, progress: Progress) -> Measured:
+    """The stages that share the default embedded broker and moto."""
     with dev_services() as env, _environ(env.as_environ()):
+        environ = env.as_environ()
         settings = load_settings()
-        inputs, sample = run_async(_prepare(settings))
-        progress(f"envelope overhead at 1 KiB: {inputs.overhead} bytes")
+        inputs, sample = run_async(prepare_inputs(environ, random_pairs(), STREAM))
+        overhead = run_async(overhead_by_size(environ, STREAM))
+        compression = run_async(json_compression(environ, STREAM))
+        progress(f"envelope overhead: v1 {overhead['v1']} B, v2 {overhead['v2']} B (by value size)")
         context = ImplContext(env.kms_endpoint, env.region, env.kms_key_canonical, sample)
         crypto = run_crypto_stage(child_environ(env), context, plan.crypto, progress)
         budget = run_async(measure_kms_budget(settings, plan.kms_records, progress))
         stage = PipelineStage(env, plan.pipeline, inputs, logs, progress)
         pipeline = run_async(stage.run())
-    results = _results(
-        machine, mode, crypto=crypto, budget=budget, pipeline=pipeline, inputs=inputs
+    return Measured(
+        inputs=inputs,
+        overhead=overhead,
+        json_compression=compression,
+        crypto=crypto,
+        budget=budget,
+        pipeline=pipeline,
     )
-    details = _details(plan, crypto, budget, pipeline)
-    written = write_all(out, results, details)
-    for name, measured, met in targets(results, details):
-        verdict = {True: "met", False: "MISSED", None: "not measured"}[met]
-        progress(f"target {verdict:>12}: {name}: {measured}")
-    for name, measured in light_load_rows(details):
-        progress(f"{'not a target':>19}: {name}: {measured}")
-    progress(f"wrote {', '.join(str(path) for path in written)}")
-    return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 @contextlib.contextmanager
@@ -128,78 +214,6 @@ def _environ(values: Mapping[str, str]) -> Iterator[None]:
     finally:
         os.environ.clear()
         os.environ.update(saved)
-
-
-async def _prepare(settings: Settings) -> tuple[Inputs, bytes]:
-    """The pipeline's input records (plain and sealed) and one envelope for the floor."""
-    rng = random.Random(11)
-    plain: list[Pair] = [
-        (f"key-{index:04d}".encode(), rng.randbytes(_VALUE_SIZE))
-        for index in range(_DISTINCT_RECORDS)
-    ]
-    kms = CountingKms(await open_kms(settings))
-    encryptor = await Encryptor.from_settings(kms, settings, stream=STREAM)
-    try:
-        sealed: list[Pair] = [
-            (key, await encryptor.seal(value, key)) for key, value in plain if value is not None
-        ]
-    finally:
-        await encryptor.close()
-        await kms.close()
-    overhead = len(sealed[0][1]) - _VALUE_SIZE
-    return Inputs(plain, sealed, overhead), sealed[0][1]
-
-
-def _results(
-    machine: dict[str, Any],
-    mode: str,
-    *,
-    crypto: CryptoResults,
-    budget: KmsBudget,
-    pipeline: PipelineResults,
-    inputs: Inputs,
-) -> dict[str, Any]:
-    """results.json, in exactly the shape of issue 4."""
-    peak: dict[str, Any] = {}
-    for impl, mib in {**crypto.peak_rss_mib, **pipeline.peak_rss_mib}.items():
-        peak[impl] = mib if mib is not None else {"error": "not measured (the run failed)"}
-    return {
-        "machine": machine,
-        "quick": mode != "full",
-        "crypto": crypto.results,
-        "pipeline": pipeline.results,
-        "kms_calls_per_million_records": budget.per_million,
-        "envelope_overhead_bytes": inputs.overhead,
-        "peak_rss_mib": peak,
-    }
-
-
-def _details(
-    plan: Plan, crypto: CryptoResults, budget: KmsBudget, pipeline: PipelineResults
-) -> dict[str, Any]:
-    """What a reader needs to trust the figures: counts, configurations, every run."""
-    max_records = Settings().dek_max_records
-    per_dek = budget.per_dek
-    return {
-        "crypto": crypto.details,
-        "kms_budget": {
-            "records": budget.records,
-            "calls": dict(budget.calls),
-            "deks": budget.deks,
-            "calls_per_dek": per_dek,
-            "checkpoints": budget.checkpoints,
-            "flat": per_dek is not None
-            and per_dek <= 2
-            and budget.deks <= budget.records / max_records + 2,
-        },
-        "pipeline": {
-            "plan": asdict(plan.pipeline),
-            "rounds": plan.pipeline.rounds,
-            "paced_rate": pipeline.paced_rate,
-            "light_rate": pipeline.light_rate,
-            "runs": [asdict(run) for run in pipeline.runs],
-        },
-    }
 
 
 if __name__ == "__main__":

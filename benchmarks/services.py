@@ -62,14 +62,24 @@ class Exit:
 class Child:
     """One worker process (`python -m MODULE ARGS`), its log in a file, its peak RSS noted.
 
+    `prefix` runs it under another program (a profiler: `py-spy record ... --`).
+
     Spawning, waiting and stopping are the supervisor's (`workers.supervisor.Child`); this
     adds the memory high-water mark, read on every poll while the child runs.
     """
 
-    def __init__(self, module: str, args: Sequence[str], environ: dict[str, str], log: Path):
+    def __init__(
+        self,
+        module: str,
+        args: Sequence[str],
+        environ: dict[str, str],
+        log: Path,
+        *,
+        prefix: Sequence[str] = (),
+    ):
         self.log = log
         self._child = supervisor.Child.spawn(
-            [sys.executable, "-m", module, *args],
+            [*prefix, sys.executable, "-m", module, *args],
             name=f"the {module} process",
             log=log,
             env=environ,

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.measure import machine_info, peak_rss_mib
-from benchmarks.memory import rss_mib
+from benchmarks.memory_sampling import rss_mib
 from pipeline.config import Settings
 from pipeline.encryptor import Encryptor, policy_from_settings
 from pipeline.kms import CountingKms, InMemoryKms

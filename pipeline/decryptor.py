@@ -20,7 +20,7 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 
 from pipeline import envelope, envelope_v2
@@ -28,7 +28,7 @@ from pipeline.aead import DEK_SIZE, Opener
 from pipeline.avro import read_long
 from pipeline.cache import DecryptDekCache
 from pipeline.config import Settings, env_name
-from pipeline.envelope import Header, decode_header, signed_bytes, split_body
+from pipeline.envelope import Header, decode_header, signed_bytes
 from pipeline.errors import (
     ConfigError,
     DecryptionError,
@@ -82,8 +82,7 @@ class Decryptor:
         self._keys_wait_seconds = keys_wait_seconds
         self._clock = clock
         self._first_missed: OrderedDict[bytes, float] = OrderedDict()
-        self._recent: list[bytes] = []
-        self._recent_limit = recent_headers
+        self._recent = _RecentPrefixes(recent_headers)
 
     @classmethod
     async def from_settings(
@@ -158,6 +157,9 @@ class Decryptor:
         """
         batch = records if isinstance(records, Sequence) else list(records)
         openers = await self._openers(batch)
+        first = openers[0] if openers else None
+        if isinstance(first, Opener) and openers.count(first) == len(openers):
+            return first.open_many(batch)  # the common case: the whole batch under one DEK
         return [
             opener if isinstance(opener, DecryptionError) else _open_with(opener, value, key)
             for opener, (value, key) in zip(openers, batch, strict=True)
@@ -181,23 +183,7 @@ class Decryptor:
 
     async def _openers(self, batch: Sequence[Record]) -> list[Opener | DecryptionError]:
         """The opener of every record (or why it has none), loading unseen prefixes at once."""
-        openers: list[Opener | DecryptionError] = []
-        unseen: dict[bytes, tuple[Header | None, list[int]]] = {}
-        for index, (value, _) in enumerate(batch):
-            opener = self._recent_opener(value)
-            if opener is not None:
-                openers.append(opener)
-                continue
-            openers.append(_PLACEHOLDER)
-            prefix = next((seen for seen in unseen if value.startswith(seen)), None)
-            if prefix is None:
-                try:
-                    prefix, header = _prefix_of(value)
-                except DecryptionError as exc:
-                    openers[index] = exc
-                    continue
-                unseen[prefix] = (header, [])
-            unseen[prefix][1].append(index)
+        openers, unseen = _known_openers(batch, self._recent_opener, self.cache.stats)
         loaded = await asyncio.gather(
             *(self._load(prefix, header) for prefix, (header, _) in unseen.items()),
             return_exceptions=True,
@@ -215,21 +201,15 @@ class Decryptor:
 
     def _recent_opener(self, value: bytes) -> Opener | None:
         """Match the value against recently verified prefixes before any parsing."""
-        for prefix in self._recent:
-            if value.startswith(prefix):
-                return self.cache.get(prefix)
-        return None
+        prefix = self._recent.find(value)
+        return None if prefix is None else self.cache.get(prefix)
 
     async def _load(self, prefix: bytes, header: Header | None) -> Opener:
         """The opener for a record prefix: cached, or admitted once (single-flight)."""
         opener = self.cache.get(prefix) or await self.cache.load(
             prefix, lambda: self._admit(prefix, header)
         )
-        recent = self._recent
-        if prefix in recent:
-            recent.remove(prefix)
-        recent.insert(0, prefix)
-        del recent[self._recent_limit :]
+        self._recent.note(prefix)
         return opener
 
     async def _admit(self, prefix: bytes, header: Header | None) -> Opener:
@@ -281,6 +261,73 @@ class Decryptor:
         self.cache.clear()
 
 
+class _RecentPrefixes:
+    """The prefixes of the last few DEKs opened, most recent first: a record is matched
+    against them before any parsing (in v1 its whole header is the prefix)."""
+
+    __slots__ = ("_limit", "_prefixes")
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._prefixes: list[bytes] = []
+
+    def find(self, value: bytes) -> bytes | None:
+        for prefix in self._prefixes:
+            if value.startswith(prefix):
+                return prefix
+        return None
+
+    def note(self, prefix: bytes) -> None:
+        prefixes = self._prefixes
+        if prefix in prefixes:
+            prefixes.remove(prefix)
+        prefixes.insert(0, prefix)
+        del prefixes[self._limit :]
+
+
+_Unseen = dict[bytes, tuple[Header | None, list[int]]]
+
+
+def _known_openers(
+    batch: Sequence[Record],
+    recent_opener: Callable[[bytes], Opener | None],
+    stats: Counter[str],
+) -> tuple[list[Opener | DecryptionError], _Unseen]:
+    """The openers of the records whose DEK is at hand; the other records' prefixes (with
+    their v1 header, and the records' indexes) to load. A placeholder marks those records.
+
+    Records under one DEK come in runs: the previous record's opener, fresh from the cache a
+    moment ago, serves the rest of its run (each record still counts as a cache hit).
+    """
+    openers: list[Opener | DecryptionError] = []
+    unseen: _Unseen = {}
+    last: Opener | None = None
+    reused = 0
+    for index, (value, _) in enumerate(batch):
+        if last is not None and value.startswith(last.prefix):
+            openers.append(last)
+            reused += 1
+            continue
+        opener = recent_opener(value)
+        if opener is not None:
+            openers.append(opener)
+            last = opener
+            continue
+        openers.append(_PLACEHOLDER)
+        prefix = next((seen for seen in unseen if value.startswith(seen)), None)
+        if prefix is None:
+            try:
+                prefix, header = _prefix_of(value)
+            except DecryptionError as exc:
+                openers[index] = exc
+                continue
+            unseen[prefix] = (header, [])
+        unseen[prefix][1].append(index)
+    if reused:
+        stats["hit"] += reused
+    return openers, unseen
+
+
 def _prefix_of(value: bytes) -> tuple[bytes, Header | None]:
     """The part of `value` every record under its DEK shares, and the v1 header if v1."""
     first = value[:1]
@@ -297,8 +344,7 @@ def _prefix_of(value: bytes) -> tuple[bytes, Header | None]:
 
 def _open_with(opener: Opener, value: bytes, key: bytes | None) -> bytes | DecryptionError:
     try:
-        nonce, ciphertext = split_body(value, len(opener.prefix))
-        return opener.open(nonce, ciphertext, key)
+        return opener.open_value(value, key)
     except DecryptionError as exc:
         return exc
 

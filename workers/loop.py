@@ -273,9 +273,11 @@ class StreamWorker:
         return await self.transform.values(records) if records else []
 
     async def _produce(self, batch: Batch, outcomes: Sequence[Outcome]) -> None:
-        """Hand every output to the producer. This loop runs once per record: keep it lean."""
+        """Hand every output to the producer. This loop runs once per record: keep it lean
+        (a plain `try_add` per record; only a record that must wait is awaited)."""
         outbox = Outbox(self.producer, max_request_size(self.settings))
-        add, dest, headers_of = outbox.add, self.job.dest, self.transform.headers
+        try_add, add, dest = outbox.try_add, outbox.add, self.job.dest
+        headers_of = self.transform.headers
         results = iter(outcomes)
         in_bytes = out_bytes = tombstones = 0
         for record in batch.records:
@@ -289,8 +291,10 @@ class StreamWorker:
                     await self._dead_letter(batch, outbox, record, str(outcome.reason))
                     continue
                 out = outcome
+            key, timestamp, headers = record.key, record.timestamp, headers_of(record.headers)
             try:
-                await add(dest, record.key, out, record.timestamp, headers_of(record.headers))
+                if not try_add(dest, key, out, timestamp, headers):
+                    await add(dest, key, out, timestamp, headers)
             except RecordTooLarge:
                 await self._dead_letter(batch, outbox, record, DeadLetter("too_large").reason)
                 continue

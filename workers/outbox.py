@@ -8,20 +8,34 @@ broker: the worker's largest per-record cost after the seal itself. The semantic
 `send()`'s: the same default partitioner (murmur2 of the key, random for null keys), the
 same size limit, record order kept within each partition, and one future to await per
 partition batch instead of one per record.
+
+Per record the work is `try_add`, a plain call: only a record that needs to wait (its
+topic's partitions not known yet, or its batch full) goes through the awaitable `add`. The
+partitioner's murmur2 is pure Python, about 2 µs a key, and keys repeat (a customer, a
+device), so each key's hash is remembered (an LRU of 65,536 keys); a null key still gets a
+random partition from the partitioner itself.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Sequence
 from typing import Any
 
-from aiokafka.partitioner import DefaultPartitioner
+from aiokafka.partitioner import DefaultPartitioner, murmur2
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from pipeline.errors import RecordTooLarge
 
 Headers = Sequence[tuple[str, bytes]]
+_estimate_size = DefaultRecordBatchBuilder.estimate_size_in_bytes
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _positive_hash(key: bytes) -> int:
+    """The default partitioner's hash of a key: murmur2, sign bit cleared."""
+    return int(murmur2(key)) & 0x7FFFFFFF
 
 
 class Outbox:
@@ -33,8 +47,35 @@ class Outbox:
         self._partitioner = DefaultPartitioner()
         self._partitions: dict[str, list[int]] = {}
         self._builders: dict[tuple[str, int], Any] = {}
+        #: the slot whose batch `try_add` last found full
+        self._full: tuple[str, int] = ("", -1)
         #: one future per partition batch handed to the producer; done when acknowledged
         self.futures: list[asyncio.Future[Any]] = []
+
+    def try_add(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        timestamp_ms: int | None,
+        headers: Headers,
+    ) -> bool:
+        """Queue one record if that needs no waiting; False (nothing queued) if it does, and
+        then `add` must queue it. Raises RecordTooLarge if it could never be produced."""
+        size = _estimate_size(key, value, headers)
+        if size > self._max_request_size:
+            raise RecordTooLarge(f"{size} bytes serialized > {self._max_request_size}")
+        partitions = self._partitions.get(topic)
+        if partitions is None:
+            return False
+        slot = (topic, self._partition(key, partitions))
+        builder = self._builders.get(slot)
+        if builder is None:
+            builder = self._builders[slot] = self._producer.create_batch()
+        if builder.append(timestamp=timestamp_ms, key=key, value=value, headers=headers) is None:
+            self._full = slot  # the batch is full (and closed now): `add` sends it
+            return False
+        return True
 
     async def add(
         self,
@@ -45,18 +86,22 @@ class Outbox:
         headers: Headers,
     ) -> None:
         """Queue one record; raises RecordTooLarge if it could never be produced."""
-        size = DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, headers)
-        if size > self._max_request_size:
-            raise RecordTooLarge(f"{size} bytes serialized > {self._max_request_size}")
-        partitions = self._partitions.get(topic) or await self._partitions_of(topic)
-        slot = (topic, self._partitioner(key, partitions, partitions))
-        builder = self._builders.get(slot)
-        if builder is None:
-            builder = self._builders[slot] = self._producer.create_batch()
-        if builder.append(timestamp=timestamp_ms, key=key, value=value, headers=headers) is None:
-            await self._send(slot, builder)  # full: a fresh builder always takes one record
-            builder = self._builders[slot] = self._producer.create_batch()
-            builder.append(timestamp=timestamp_ms, key=key, value=value, headers=headers)
+        if self.try_add(topic, key, value, timestamp_ms, headers):
+            return
+        if topic not in self._partitions:
+            await self._partitions_of(topic)
+            if self.try_add(topic, key, value, timestamp_ms, headers):
+                return
+        slot = self._full
+        await self._send(slot, self._builders[slot])  # a fresh builder always takes one record
+        builder = self._builders[slot] = self._producer.create_batch()
+        builder.append(timestamp=timestamp_ms, key=key, value=value, headers=headers)
+
+    def _partition(self, key: bytes | None, partitions: list[int]) -> int:
+        """The default partitioner's choice: murmur2 of the key, random for a null key."""
+        if key is None:
+            return int(self._partitioner(None, partitions, partitions))
+        return partitions[_positive_hash(key) % len(partitions)]
 
     async def flush(self) -> list[asyncio.Future[Any]]:
         """Hand every open batch to the producer; returns all the futures of this outbox."""

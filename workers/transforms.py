@@ -26,7 +26,7 @@ from pipeline.encryptor import Encryptor
 from pipeline.errors import DecryptionError, EnvpipeError, Reason, SealError
 from pipeline.kms import CountingKms, open_kms
 from pipeline.types import HeaderSink, HeaderSource
-from workers.contract import Headers, opened_headers, sealed_headers
+from workers.contract import Headers, opened_headers, sealed_headers, version_header
 
 __all__ = ["DeadLetter", "Open", "Outcome", "Rewrap", "Seal", "Transform"]
 
@@ -143,6 +143,7 @@ class Seal(_KmsTransform):
         self._stream = stream
         self._to_key = to_key
         self._format = settings.format
+        self._version = version_header(settings.format)
         self.encryptor: Encryptor | None = None
 
     async def start(self, sink: HeaderSink | None, source: HeaderSource | None) -> None:
@@ -168,6 +169,8 @@ class Seal(_KmsTransform):
         return [await _seal_one(encryptor, record) for record in records]
 
     def headers(self, headers: Headers) -> list[tuple[str, bytes]]:
+        if not headers:  # most records: only the version header, without building lists
+            return [self._version]
         return sealed_headers(headers, self._format)
 
     @property
@@ -218,7 +221,7 @@ class Open(_KmsTransform):
         return await _ready(self.decryptor).open_many([(r.value, r.key) for r in records])
 
     def headers(self, headers: Headers) -> list[tuple[str, bytes]]:
-        return opened_headers(headers)
+        return opened_headers(headers) if headers else []
 
     @property
     def cache_stats(self) -> Counter[str]:

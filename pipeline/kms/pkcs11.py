@@ -18,12 +18,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
-import pkcs11.exceptions as p11
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.hazmat.primitives.serialization import (
@@ -37,16 +36,15 @@ from pkcs11.types import DecryptMixin, EncryptMixin, Object, PublicKey, SignMixi
 from pkcs11.util.ec import encode_ec_public_key
 
 from pipeline.config import Settings
-from pipeline.errors import ConfigError, EnvpipeError, KeyUnavailableError, KmsRequestError
-from pipeline.kms.pkcs11_errors import AMBIGUOUS, SESSION_LOST, error_code, translate
+from pipeline.errors import ConfigError, KeyUnavailableError, KmsRequestError
+from pipeline.kms.pkcs11_calls import TokenCalls
 from pipeline.kms.pkcs11_keys import SIGNING, WRAPPING, KeyRef, Role, key_ref, token_from_key_ids
-from pipeline.kms.pkcs11_token import ClosedError, TokenSessions, load_module, read_pin
+from pipeline.kms.pkcs11_token import TokenSessions, load_module, read_pin
 from pipeline.types import DataKey, EncryptionContext, Operation
 
 __all__ = ["Pkcs11Kms"]
 
 _log = logging.getLogger(__name__)
-_T = TypeVar("_T")
 
 DEK_BYTES = 32
 IV_BYTES = 12
@@ -54,7 +52,6 @@ TAG_BYTES = 16
 WRAPPED_BYTES = IV_BYTES + DEK_BYTES + TAG_BYTES
 DIGEST_BYTES = 32
 _P256_COORDINATE = 32
-_DEVICE_GONE = (p11.DeviceRemoved, p11.TokenNotPresent, p11.TokenNotRecognised)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,9 +79,8 @@ class Pkcs11Kms:
     def __init__(self, sessions: TokenSessions, pool: ThreadPoolExecutor, max_sessions: int):
         """Wrap logged-in `sessions`, run on `pool`. Prefer `open` or `connect`."""
         self._sessions = sessions
-        self._pool = pool
+        self._calls = TokenCalls(sessions, pool)
         self._max_sessions = max_sessions
-        self._closed = False
 
     def __repr__(self) -> str:
         return (
@@ -144,7 +140,8 @@ class Pkcs11Kms:
                 pool, load_module, module, softhsm_conf
             )
             kms = cls(TokenSessions(loaded, token, pin, pin_setting), pool, max_sessions)
-            await kms._call(Operation.RESOLVE, lambda _session: None, f"logging in to {token!r}")
+            login = f"logging in to {token!r}"
+            await kms._calls.run(Operation.RESOLVE, lambda _session: None, login)
         except BaseException:
             pool.shutdown(wait=False)
             raise
@@ -155,14 +152,7 @@ class Pkcs11Kms:
 
     async def close(self) -> None:
         """Wait for calls in flight, close every session, stop the pool. Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-        await asyncio.to_thread(self._shutdown)
-
-    def _shutdown(self) -> None:
-        self._pool.shutdown(wait=True)
-        self._sessions.close()
+        await self._calls.close()
 
     # -- the five operations ------------------------------------------------------------
 
@@ -191,7 +181,7 @@ class Pkcs11Kms:
                 raise KmsRequestError(op, "unexpected_length", "the token returned short output")
             return DataKey(key_id=lookup.ref.canonical, plaintext=dek, wrapped=wrapped)
 
-        return await self._call(op, work, f"wrapping under {lookup.ref.label!r}")
+        return await self._calls.run(op, work, f"wrapping under {lookup.ref.label!r}")
 
     async def unwrap(self, key_id: str, wrapped: bytes, context: EncryptionContext) -> bytes:
         op = Operation.UNWRAP
@@ -216,7 +206,7 @@ class Pkcs11Kms:
                 raise KmsRequestError(op, "unexpected_length", "the unwrapped key is not 32 bytes")
             return dek
 
-        return await self._call(op, work, f"unwrapping under {lookup.ref.label!r}")
+        return await self._calls.run(op, work, f"unwrapping under {lookup.ref.label!r}")
 
     async def sign(self, key_id: str, message: bytes, digest: bytes) -> bytes:
         op = Operation.SIGN
@@ -230,7 +220,7 @@ class Pkcs11Kms:
                 raise self._usage_error(op, lookup, "CKA_SIGN")
             return key.sign(digest, mechanism=Mechanism.ECDSA)
 
-        raw = await self._call(op, work, f"signing with {lookup.ref.label!r}")
+        raw = await self._calls.run(op, work, f"signing with {lookup.ref.label!r}")
         if len(raw) != 2 * _P256_COORDINATE:
             raise KmsRequestError(op, "not_p256", f"{lookup.what} is not an EC P-256 key")
         r = int.from_bytes(raw[:_P256_COORDINATE], "big")
@@ -248,7 +238,7 @@ class Pkcs11Kms:
                 raise KmsRequestError(op, "not_public_key", "the object is not a public key")
             return encode_ec_public_key(key)
 
-        der = await self._call(op, work, f"reading the public key {lookup.ref.label!r}")
+        der = await self._calls.run(op, work, f"reading the public key {lookup.ref.label!r}")
         try:
             public = load_der_public_key(der)
         except (ValueError, TypeError) as exc:
@@ -268,7 +258,7 @@ class Pkcs11Kms:
             self._find(session, lookup, Operation.RESOLVE)
             return lookup.ref.canonical
 
-        return await self._call(Operation.RESOLVE, work, f"looking up {lookup.ref.label!r}")
+        return await self._calls.run(Operation.RESOLVE, work, f"looking up {lookup.ref.label!r}")
 
     def _lookup(self, name: str, role: Role, operation: str) -> _Lookup:
         ref = key_ref(name, role, self._sessions.label, operation)
@@ -304,59 +294,9 @@ class Pkcs11Kms:
             operation, "CKR_KEY_FUNCTION_NOT_PERMITTED", f"{lookup.what} does not allow {attribute}"
         )
 
-    async def _call(self, operation: str, work: Callable[[Session], _T], detail: str) -> _T:
-        """Run `work` on this thread's session in the pool; errors come back translated."""
-        if self._closed:
-            raise _closed(operation)
-        try:
-            return await asyncio.get_running_loop().run_in_executor(
-                self._pool, self._in_thread, operation, work, detail
-            )
-        except RuntimeError as exc:  # the pool shut down between the check and the submit
-            if self._closed:
-                raise _closed(operation) from exc
-            raise
-
-    def _in_thread(self, operation: str, work: Callable[[Session], _T], detail: str) -> _T:
-        try:
-            with self._sessions.locked() as session:
-                try:
-                    return work(session)
-                except p11.PKCS11Error as exc:
-                    raise self._translate(exc, operation, session, detail) from exc
-        except ClosedError as exc:
-            raise _closed(operation) from exc
-        except p11.PKCS11Error as exc:  # opening this thread's session, or logging in
-            if isinstance(exc, _DEVICE_GONE):
-                self._sessions.forget_token()
-            raise translate(
-                exc,
-                operation,
-                pin_setting=self._sessions.pin_setting,
-                detail=f"opening a session on {self._sessions.label!r}",
-            ) from exc
-
-    def _translate(
-        self, exc: p11.PKCS11Error, operation: str, session: Session, detail: str
-    ) -> EnvpipeError:
-        """Runs under the call lock, so the session and the probe are still this thread's."""
-        if isinstance(exc, SESSION_LOST):
-            self._sessions.drop_current(forget_token=isinstance(exc, _DEVICE_GONE))
-        elif isinstance(exc, AMBIGUOUS) and self._sessions.healthy(session):
-            # SoftHSM2 answers a failed GCM tag check (wrong C, tampering) with
-            # CKR_GENERAL_ERROR: a token that still answers refused this request.
-            return KmsRequestError(
-                operation, error_code(exc), f"{detail}: the token refused the request"
-            )
-        return translate(exc, operation, pin_setting=self._sessions.pin_setting, detail=detail)
-
 
 def _as_bytes(value: bytes | object, operation: str) -> bytes:
     """python-pkcs11 returns bytes for bytes input; anything else is a bug worth naming."""
     if not isinstance(value, bytes):
         raise KmsRequestError(operation, "unexpected_output", type(value).__name__)
     return value
-
-
-def _closed(operation: str) -> KmsRequestError:
-    return KmsRequestError(operation, "closed", "the PKCS#11 provider has been closed")

@@ -1,4 +1,4 @@
-"""Vault / OpenBao transit through aiohttp: one pooled session, errors translated by message.
+"""Vault / OpenBao transit: `VaultKms`, which calls go out, in which order, and its lifecycle.
 
 The five operations map to transit's HTTP API (docs/vault.md has the policy for each):
 
@@ -15,13 +15,14 @@ here from the OS CSPRNG, so Vault's datakey endpoint (and its policy) is never n
 
 Vault reports many client errors as 400 and some as 500 (a key version above the latest), and
 an expired token as a plain 403, so errors are classified by message first, status second.
+
+Three rooms: this module orchestrates; `vault_http` owns the session, the token header and
+its renewal (the only code that holds the token); `vault_transit` owns the message formats
+(what goes into a body, what an answer must hold), without IO.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import logging
 import os
 import ssl
 from collections.abc import Mapping
@@ -29,39 +30,24 @@ from types import TracebackType
 from typing import Any, Self
 
 import aiohttp
-import orjson
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from pipeline.config import Settings
-from pipeline.errors import ConfigError, KeyUnavailableError, KmsRequestError
+from pipeline.errors import ConfigError, KmsRequestError
+from pipeline.kms import vault_transit as transit
 from pipeline.kms.vault_env import connection_settings
-from pipeline.kms.vault_errors import (
-    DecodedResponse,
-    classify_response,
-    translate_transport,
-    truncate,
-)
+from pipeline.kms.vault_errors import truncate
+from pipeline.kms.vault_http import VaultHttp, new_session
 from pipeline.kms.vault_ids import VaultKeyRef, parse_key_id
-from pipeline.kms.vault_token import TokenRenewer, TokenSource
+from pipeline.kms.vault_token import TokenSource
+from pipeline.kms.vault_transit import DEK_BYTES, SIGNING_TYPE, WRAPPING_TYPE
 from pipeline.kms.vault_versions import SigningVersions
 from pipeline.types import DataKey, EncryptionContext, Operation
 
-__all__ = ["VaultKms"]
+# The key types and the DEK size are transit's facts; still importable from here.
+__all__ = ["DEK_BYTES", "SIGNING_TYPE", "WRAPPING_TYPE", "VaultKms"]
 
-_log = logging.getLogger(__name__)
-
-WRAPPING_TYPE = "aes256-gcm96"
-SIGNING_TYPE = "ecdsa-p256"
-DEK_BYTES = 32
 _KMS_KEY_SETTING = "ENVPIPE_KMS_KEY_ID"
 _SIGNING_KEY_SETTING = "ENVPIPE_SIGNING_KEY_ID"
-_CAPABILITY = {"GET": "read", "POST": "update", "DELETE": "delete"}
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
 
 
 class VaultKms:
@@ -82,11 +68,7 @@ class VaultKms:
         namespace: str = "",
     ) -> None:
         """Wrap an open session. Prefer `open` or `connect`, which also start token renewal."""
-        self._base = address.rstrip("/") + "/v1/"
-        self._session: aiohttp.ClientSession | None = session
-        self._token = token
-        self._namespace = namespace
-        self._renewer: TokenRenewer | None = None
+        self._http = VaultHttp(address, session, token, namespace)
         self._signing_versions = SigningVersions(self._key)
 
     @classmethod
@@ -129,21 +111,16 @@ class VaultKms:
             if isinstance(token, TokenSource)
             else TokenSource.fixed(token, "the token given to VaultKms.connect")
         )
-        session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=max_connections, ssl=ssl_context),
-            timeout=aiohttp.ClientTimeout(
-                # Not `connect`: it would count the wait for a pooled connection too.
-                total=total_timeout,
-                sock_connect=connect_timeout,
-            ),
-            headers={"X-Vault-Request": "true"},
-            json_serialize=lambda obj: orjson.dumps(obj).decode(),
+        session = new_session(
+            ssl_context=ssl_context,
+            max_connections=max_connections,
+            connect_timeout=connect_timeout,
+            total_timeout=total_timeout,
         )
         kms = cls(address, session, source, namespace)
         if renew:
-            kms._renewer = TokenRenewer(source, kms._token_request)
             try:
-                await kms._renewer.start()
+                await kms._http.start_renewal()
             except BaseException:
                 await kms.close()
                 raise
@@ -151,12 +128,7 @@ class VaultKms:
 
     async def close(self) -> None:
         """Stop token renewal and close the connection pool. Idempotent."""
-        renewer, self._renewer = self._renewer, None
-        if renewer is not None:
-            await renewer.close()
-        session, self._session = self._session, None
-        if session is not None:
-            await session.close()
+        await self._http.close()
 
     async def __aenter__(self) -> Self:
         return self
@@ -170,9 +142,8 @@ class VaultKms:
         await self.close()
 
     def __repr__(self) -> str:
-        return (
-            f"VaultKms({self._base[:-4]!r}, namespace={self._namespace!r}, token={self._token!r})"
-        )
+        http = self._http
+        return f"VaultKms({http.address!r}, namespace={http.namespace!r}, token={http.token!r})"
 
     # -- the five operations ------------------------------------------------------------------
 
@@ -182,109 +153,35 @@ class VaultKms:
         ref = _ref(operation, key_id, version=False)
         await self._wrapping_key(operation, ref)
         dek = os.urandom(DEK_BYTES)
-        body = await self._request(
-            operation,
-            "POST",
-            ref.path("encrypt"),
-            {"plaintext": _b64(dek), "associated_data": _b64(context.encoded)},
-            ref=ref,
+        body = await self._http.request(
+            operation, "POST", ref.path("encrypt"), transit.encrypt_body(dek, context), ref=ref
         )
-        ciphertext = _field(operation, body, "ciphertext")
-        if not ciphertext.startswith("vault:v"):
-            raise KmsRequestError(
-                operation, "bad_response", "encrypt returned no vault:vN: ciphertext"
-            )
-        return DataKey(key_id=ref.key_id, plaintext=dek, wrapped=ciphertext.encode("ascii"))
+        wrapped = transit.wrapped_ciphertext(operation, body)
+        return DataKey(key_id=ref.key_id, plaintext=dek, wrapped=wrapped)
 
     async def unwrap(self, key_id: str, wrapped: bytes, context: EncryptionContext) -> bytes:
         """Transit decrypt with C as associated_data; a wrong C fails the AEAD tag in Vault."""
         operation = Operation.UNWRAP
         ref = _ref(operation, key_id, version=False)
-        try:
-            ciphertext = wrapped.decode("ascii")
-        except UnicodeDecodeError:
-            ciphertext = ""
-        if not ciphertext.startswith("vault:v"):
-            raise KmsRequestError(operation, "malformed_ciphertext", "not a vault:vN: ciphertext")
-        body = await self._request(
-            operation,
-            "POST",
-            ref.path("decrypt"),
-            {"ciphertext": ciphertext, "associated_data": _b64(context.encoded)},
-            ref=ref,
-        )
-        try:
-            dek = base64.b64decode(_field(operation, body, "plaintext"), validate=True)
-        except binascii.Error:
-            dek = b""
-        if len(dek) != DEK_BYTES:
-            raise KmsRequestError(
-                operation, "bad_plaintext", f"the unwrapped key is not {DEK_BYTES} bytes"
-            )
-        return dek
+        payload = transit.decrypt_body(operation, wrapped, context)
+        body = await self._http.request(operation, "POST", ref.path("decrypt"), payload, ref=ref)
+        return transit.unwrapped_dek(operation, body)
 
     async def sign(self, key_id: str, message: bytes, digest: bytes) -> bytes:
         """Transit sign over the prehashed SHA-256, with the version named in `key_id`."""
         operation = Operation.SIGN
         ref = _ref(operation, key_id, version=True)
-        if len(digest) != 32:
-            raise KmsRequestError(operation, "bad_digest", "the digest must be a 32-byte SHA-256")
-        body = await self._request(
-            operation,
-            "POST",
-            ref.path("sign", "sha2-256"),
-            {
-                "input": _b64(digest),
-                "prehashed": True,
-                "marshaling_algorithm": "asn1",
-                "key_version": ref.version,
-            },
-            ref=ref,
-        )
-        prefix, _, encoded = _field(operation, body, "signature").rpartition(":")
-        if prefix != f"vault:v{ref.version}":
-            raise KmsRequestError(
-                operation,
-                "version_mismatch",
-                f"Vault did not sign with version {ref.version} of {ref.key_id}",
-            )
-        try:
-            signature = base64.b64decode(encoded, validate=True)
-            decode_dss_signature(signature)
-        except (binascii.Error, ValueError) as exc:
-            raise KmsRequestError(operation, "bad_response", "the signature is not DER") from exc
-        return signature
+        payload = transit.sign_body(operation, digest, ref)
+        path = ref.path("sign", "sha2-256")
+        body = await self._http.request(operation, "POST", path, payload, ref=ref)
+        return transit.signature_der(operation, body, ref)
 
     async def get_public_key(self, key_id: str) -> bytes:
         """The DER SubjectPublicKeyInfo of the version in `key_id`; KeyUnavailable if absent."""
         operation = Operation.PUBLIC_KEY
         ref = _ref(operation, key_id, version=True)
         data = await self._signing_versions.get(operation, ref)
-        if data.get("type") != SIGNING_TYPE:
-            raise KmsRequestError(
-                operation,
-                "wrong_key_type",
-                f"{ref.key_id} is a {data.get('type')} key, not {SIGNING_TYPE}",
-            )
-        versions = data.get("keys") or {}
-        entry = versions.get(str(ref.version))
-        if not isinstance(entry, Mapping) or not entry.get("public_key"):
-            raise KeyUnavailableError(
-                operation,
-                "unknown_version",
-                f"{ref.key_id} has no version {ref.version} (latest: "
-                f"{data.get('latest_version')}; versions below min_decryption_version are "
-                "archived)",
-            )
-        try:
-            public = serialization.load_pem_public_key(str(entry["public_key"]).encode())
-        except ValueError as exc:
-            raise KmsRequestError(operation, "bad_response", "the public key is not PEM") from exc
-        if not isinstance(public, ec.EllipticCurvePublicKey) or public.curve.name != "secp256r1":
-            raise KmsRequestError(operation, "wrong_key_type", f"{ref.canonical} is not EC P-256")
-        return public.public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
+        return transit.public_key_der(operation, ref, data)
 
     async def resolve_wrapping_key(self, name: str) -> str:
         """`vault:<mount>:<name>`, after checking the key exists and is aes256-gcm96."""
@@ -307,86 +204,25 @@ class VaultKms:
             return ref.canonical
         data = await self._key(Operation.RESOLVE, ref)
         self._signing_versions.remember(ref, data)  # so the writer's check needs no read
-        if data.get("type") != SIGNING_TYPE:
-            raise ConfigError(
-                _SIGNING_KEY_SETTING,
-                f"{ref.key_id} is a {data.get('type')} key; the signing key must be "
-                f"{SIGNING_TYPE} (ECDSA P-256)",
-            )
-        latest = data.get("latest_version")
-        if not isinstance(latest, int) or latest < 1:
-            raise KmsRequestError(
-                Operation.RESOLVE, "bad_response", f"{ref.key_id} has no latest_version"
-            )
-        return ref.at(latest).canonical
+        if problem := transit.signing_key_problem(ref, data):
+            raise ConfigError(_SIGNING_KEY_SETTING, problem)
+        return ref.at(transit.latest_version(Operation.RESOLVE, ref, data)).canonical
 
     # -- helpers --------------------------------------------------------------------------------
 
-    async def _token_request(self, method: str, path: str, token: str) -> Mapping[str, Any]:
-        """lookup-self / renew-self for `TokenRenewer`, with the token it is looking at."""
-        return await self._request("token_renewal", method, path, None, token=token)
-
     async def _key(self, operation: str, ref: VaultKeyRef) -> Mapping[str, Any]:
         """GET keys/<name>: the key's metadata (a 404 means it does not exist)."""
-        body = await self._request(operation, "GET", ref.path("keys"), None, ref=ref)
-        data = body.get("data")
-        if not isinstance(data, Mapping):
-            raise KmsRequestError(operation, "bad_response", f"no key data for {ref.key_id}")
-        return data
+        body = await self._http.request(operation, "GET", ref.path("keys"), None, ref=ref)
+        return transit.key_data(operation, ref, body)
 
     async def _wrapping_key(
         self, operation: str, ref: VaultKeyRef, *, raise_type: bool = True
     ) -> str:
         """Check the key exists and suits wrapping; returns (or raises) what is wrong."""
-        data = await self._key(operation, ref)
-        problem = ""
-        if data.get("type") != WRAPPING_TYPE:
-            problem = (
-                f"{ref.key_id} is a {data.get('type')} key; the wrapping key must be "
-                f"{WRAPPING_TYPE} (an AEAD type, so associated_data binds the encryption context)"
-            )
-        elif data.get("derived"):
-            problem = f"{ref.key_id} uses key derivation (derived=true), which envpipe does not use"
+        problem = transit.wrapping_key_problem(ref, await self._key(operation, ref))
         if problem and raise_type:
             raise KmsRequestError(operation, "wrong_key_type", problem)
         return problem
-
-    async def _request(
-        self,
-        operation: str,
-        method: str,
-        path: str,
-        payload: Mapping[str, object] | None,
-        *,
-        ref: VaultKeyRef | None = None,
-        token: str | None = None,
-    ) -> Mapping[str, Any]:
-        """One API call; every failure becomes a KmsError naming `path` and never the token."""
-        session = self._session
-        if session is None:
-            raise KmsRequestError(operation, "client_closed", "VaultKms.close() was called")
-        headers = {"X-Vault-Token": token if token is not None else self._token.current()}
-        if self._namespace:
-            headers["X-Vault-Namespace"] = self._namespace
-        try:
-            # No redirects: following one would hand the token to whatever host it names.
-            async with session.request(
-                method, self._base + path, json=payload, headers=headers, allow_redirects=False
-            ) as response:
-                status, raw = response.status, await response.read()
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise translate_transport(operation, self._base[:-4], exc) from exc
-        decoded = DecodedResponse.parse(status, raw)
-        if 200 <= status < 300 and decoded.body is not None:
-            return decoded.body
-        raise classify_response(
-            operation,
-            decoded,
-            path=path,
-            capability=_CAPABILITY.get(method, method.lower()),
-            token_origin=self._token.origin,
-            ref=ref,
-        )
 
 
 def _ref(operation: str, key_id: str, *, version: bool) -> VaultKeyRef:
@@ -395,11 +231,3 @@ def _ref(operation: str, key_id: str, *, version: bool) -> VaultKeyRef:
         return parse_key_id(key_id, version=version)
     except ValueError as exc:
         raise KmsRequestError(operation, "invalid_key_id", truncate(str(exc))) from None
-
-
-def _field(operation: str, body: Mapping[str, Any], name: str) -> str:
-    data = body.get("data")
-    value = data.get(name) if isinstance(data, Mapping) else None
-    if not isinstance(value, str):
-        raise KmsRequestError(operation, "bad_response", f"Vault's answer has no data.{name}")
-    return value
