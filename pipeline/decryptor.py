@@ -78,10 +78,7 @@ class Decryptor:
             clock=clock,
         )
         self.cache = cache if cache is not None else DecryptDekCache(clock=clock)
-        self._source = header_source
-        self._keys_wait_seconds = keys_wait_seconds
-        self._clock = clock
-        self._first_missed: OrderedDict[bytes, float] = OrderedDict()
+        self._keys_headers = _KeysTopicHeaders(header_source, keys_wait_seconds, clock)
         self._recent = _RecentPrefixes(recent_headers)
 
     @classmethod
@@ -216,7 +213,7 @@ class Decryptor:
         """Verify, then unwrap. `header` is None for v2: it is looked up in the keys topic."""
         label = envelope.AAD_LABEL
         if header is None:
-            header, label = self._keys_header(prefix[1:]), envelope_v2.AAD_LABEL
+            header, label = self._keys_headers.get(prefix[1:]), envelope_v2.AAD_LABEL
         signed = signed_bytes(header)
         digest = hashlib.sha256(signed).digest()
         reason = await self.verifier.check(header, digest)
@@ -239,7 +236,23 @@ class Decryptor:
             raise DecryptionError(Reason.UNWRAP_FAILED)
         return Opener(dek, prefix, label + digest, header.encryption_context)
 
-    def _keys_header(self, dek_id: bytes) -> Header:
+    async def close(self) -> None:
+        """Drop every unwrapped DEK."""
+        self.cache.clear()
+
+
+class _KeysTopicHeaders:
+    """v2 headers from the keys topic; a `dek_id` not there yet is retriable for a while."""
+
+    def __init__(
+        self, source: HeaderSource | None, wait_seconds: float, clock: Callable[[], float]
+    ) -> None:
+        self._source = source
+        self._wait_seconds = wait_seconds
+        self._clock = clock
+        self._first_missed: OrderedDict[bytes, float] = OrderedDict()
+
+    def get(self, dek_id: bytes) -> Header:
         """The verified-to-be-canonical keys-topic header of a v2 `dek_id`, or why not."""
         found = self._source.get(dek_id) if self._source is not None else None
         if found is not None:
@@ -249,16 +262,12 @@ class Decryptor:
         first = self._first_missed.setdefault(dek_id, now)
         while len(self._first_missed) > _MAX_PENDING:
             self._first_missed.popitem(last=False)
-        if self._source is None or now - first >= self._keys_wait_seconds:
+        if self._source is None or now - first >= self._wait_seconds:
             raise DecryptionError(Reason.HEADER_MISSING)
         raise HeaderPendingError(
             f"a v2 record's header (dek_id {dek_id.hex()}) is not in the keys topic yet; "
-            f"waiting up to {self._keys_wait_seconds:g}s (ENVPIPE_KEYS_WAIT_SECONDS)"
+            f"waiting up to {self._wait_seconds:g}s (ENVPIPE_KEYS_WAIT_SECONDS)"
         )
-
-    async def close(self) -> None:
-        """Drop every unwrapped DEK."""
-        self.cache.clear()
 
 
 class _RecentPrefixes:

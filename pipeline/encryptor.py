@@ -71,6 +71,27 @@ def policy_from_settings(settings: Settings) -> DekPolicy:
     )
 
 
+class _Contexts:
+    """Encryption contexts built once per stream or context: the record path neither sorts
+    nor encodes one. Bounded, oldest first out."""
+
+    def __init__(self) -> None:
+        self._built: dict[object, tuple[tuple[tuple[str, str], ...], EncryptionContext]] = {}
+
+    def lookup(
+        self, context: Mapping[str, str] | None, stream: str
+    ) -> tuple[tuple[tuple[str, str], ...], EncryptionContext]:
+        """(sorted items, encoded context) for `context`, or for `stream`'s default one."""
+        key: object = stream if context is None else tuple(sorted(context.items()))
+        found = self._built.get(key)
+        if found is None:
+            pairs = stream_context(stream) if context is None else dict(context)
+            found = self._built[key] = (tuple(sorted(pairs.items())), EncryptionContext.of(pairs))
+            while len(self._built) > _MAX_CONTEXTS:
+                self._built.pop(next(iter(self._built)))
+        return found
+
+
 class Encryptor:
     """Seals record values under service-wrapped DEKs, one signed header per DEK."""
 
@@ -105,7 +126,7 @@ class Encryptor:
         self._verifier = HeaderVerifier(
             kms, allowed_kms_keys=KeyAllowlist(()), allowed_signing_keys=KeyAllowlist(())
         )
-        self._contexts: dict[object, tuple[tuple[tuple[str, str], ...], EncryptionContext]] = {}
+        self._contexts = _Contexts()
         #: set once the configured signing key turns out canonical: nothing to re-resolve
         self._stable_signing_key: str | None = None
 
@@ -208,19 +229,8 @@ class Encryptor:
         stream: str | None,
     ) -> tuple[_Slot, EncryptionContext]:
         """The cache slot of a record, (filled key name, context items), and its context."""
-        lookup: object = (
-            (stream or self.stream) if context is None else tuple(sorted(context.items()))
-        )
-        found = self._contexts.get(lookup)
-        if found is None:
-            pairs = stream_context(stream or self.stream) if context is None else dict(context)
-            found = self._contexts[lookup] = (
-                tuple(sorted(pairs.items())),
-                EncryptionContext.of(pairs),
-            )
-            while len(self._contexts) > _MAX_CONTEXTS:
-                self._contexts.pop(next(iter(self._contexts)))
-        return (self.template.fill(key, headers), found[0]), found[1]
+        items, encryption_context = self._contexts.lookup(context, stream or self.stream)
+        return (self.template.fill(key, headers), items), encryption_context
 
     async def _reserve(self, slot: _Slot, context: EncryptionContext, nbytes: int) -> Sealer:
         try:

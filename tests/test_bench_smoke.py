@@ -152,9 +152,10 @@ def test_results_json_has_the_envelope_sizes_and_the_batch_seal(
         for size, value in by_size.items():
             assert isinstance(value, int), f"overhead_bytes.{fmt}.{size}"
             assert value > 0, f"overhead_bytes.{fmt}.{size}"
-    # v1 carries the whole header; v2 only the dek_id: exact sizes, not timings
+    # v2 carries only the dek_id: exact. v1 carries a header with a DER ECDSA signature, whose
+    # length varies by a few bytes from one DEK to the next (70-72 B, rarely fewer).
     assert overhead["v2"]["1024"] == results["envelope_overhead_bytes_v2"]
-    assert overhead["v1"]["1024"] == results["envelope_overhead_bytes"]
+    assert abs(overhead["v1"]["1024"] - results["envelope_overhead_bytes"]) <= 4
     assert overhead["v2"]["1024"] < overhead["v1"]["1024"]
 
     batch = results["crypto_batch"]

@@ -243,6 +243,15 @@ async def test_close_is_idempotent_and_final(kms: InMemoryKms) -> None:
     assert _code(caught) == "ClientClosed"
 
 
+async def test_async_with_closes_the_client_even_when_the_block_raises(kms: InMemoryKms) -> None:
+    with pytest.raises(RuntimeError, match="boom"):
+        async with kms as entered:
+            assert entered is kms
+            assert not kms.closed
+            raise RuntimeError("boom")
+    assert kms.closed
+
+
 # --- CountingKms ------------------------------------------------------------------------------
 
 

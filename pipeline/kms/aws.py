@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack
-from types import TracebackType
 from typing import TYPE_CHECKING, Self, TypeVar
 
 import aiohttp
@@ -32,7 +31,7 @@ from pipeline.errors import (
     KmsRequestError,
     KmsUnavailableError,
 )
-from pipeline.types import DataKey, EncryptionContext, Operation
+from pipeline.types import ClosedOnExit, DataKey, EncryptionContext, Operation
 
 if TYPE_CHECKING:
     from types_aiobotocore_kms.client import KMSClient
@@ -86,7 +85,7 @@ _NO_CREDENTIALS = (
 )
 
 
-class AwsKms:
+class AwsKms(ClosedOnExit):
     """`pipeline.types.Kms` on AWS KMS (or any endpoint speaking its API, such as moto).
 
     Create it with `await AwsKms.open(...)` once per process and `await close()` at shutdown.
@@ -157,17 +156,6 @@ class AwsKms:
         """Close the client and its connection pool. Idempotent."""
         self._client = None
         await self._stack.aclose()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     async def generate_data_key(self, key_id: str, context: EncryptionContext) -> DataKey:
         """GenerateDataKey(AES_256); `key_id` of the result is the ARN, even for an alias."""

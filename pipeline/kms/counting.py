@@ -14,14 +14,14 @@ from collections.abc import Awaitable
 from typing import TypeVar
 
 from pipeline.histogram import Histogram
-from pipeline.types import DataKey, EncryptionContext, Kms, Operation
+from pipeline.types import ClosedOnExit, DataKey, EncryptionContext, Kms, Operation
 
 __all__ = ["CountingKms"]
 
 _T = TypeVar("_T")
 
 
-class CountingKms:
+class CountingKms(ClosedOnExit):
     """Delegates to `inner`, recording per operation how often and how long.
 
     A call counts as a failure if it raised anything but a cancellation; `seconds` is the

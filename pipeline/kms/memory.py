@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, utils
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from pipeline.errors import KeyUnavailableError, KmsError, KmsRequestError
-from pipeline.types import DataKey, EncryptionContext, Operation
+from pipeline.types import ClosedOnExit, DataKey, EncryptionContext, Operation
 
 __all__ = ["ARN_PREFIX", "InMemoryKms"]
 
@@ -47,7 +47,7 @@ class _Key:
         return f"{ARN_PREFIX}key/{self.uuid}"
 
 
-class InMemoryKms:
+class InMemoryKms(ClosedOnExit):
     """`pipeline.types.Kms` in process memory, with fault and latency injection.
 
     `latency` seconds are slept before every call (0 still yields to the loop). A failure in

@@ -40,7 +40,7 @@ from pipeline.errors import ConfigError, KeyUnavailableError, KmsRequestError
 from pipeline.kms.pkcs11_calls import TokenCalls
 from pipeline.kms.pkcs11_keys import SIGNING, WRAPPING, KeyRef, Role, key_ref, token_from_key_ids
 from pipeline.kms.pkcs11_token import TokenSessions, load_module, read_pin
-from pipeline.types import DataKey, EncryptionContext, Operation
+from pipeline.types import ClosedOnExit, DataKey, EncryptionContext, Operation
 
 __all__ = ["Pkcs11Kms"]
 
@@ -64,7 +64,7 @@ class _Lookup:
     what: str
 
 
-class Pkcs11Kms:
+class Pkcs11Kms(ClosedOnExit):
     """The `Kms` of one token. Create with `await Pkcs11Kms.open(settings)` (or `connect`).
 
     One process, one module configuration: python-pkcs11 initialises a module once per

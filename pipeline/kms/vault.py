@@ -26,7 +26,6 @@ from __future__ import annotations
 import os
 import ssl
 from collections.abc import Mapping
-from types import TracebackType
 from typing import Any, Self
 
 import aiohttp
@@ -41,7 +40,7 @@ from pipeline.kms.vault_ids import VaultKeyRef, parse_key_id
 from pipeline.kms.vault_token import TokenSource
 from pipeline.kms.vault_transit import DEK_BYTES, SIGNING_TYPE, WRAPPING_TYPE
 from pipeline.kms.vault_versions import SigningVersions
-from pipeline.types import DataKey, EncryptionContext, Operation
+from pipeline.types import ClosedOnExit, DataKey, EncryptionContext, Operation
 
 # The key types and the DEK size are transit's facts; still importable from here.
 __all__ = ["DEK_BYTES", "SIGNING_TYPE", "WRAPPING_TYPE", "VaultKms"]
@@ -50,7 +49,7 @@ _KMS_KEY_SETTING = "ENVPIPE_KMS_KEY_ID"
 _SIGNING_KEY_SETTING = "ENVPIPE_SIGNING_KEY_ID"
 
 
-class VaultKms:
+class VaultKms(ClosedOnExit):
     """`pipeline.types.Kms` on Vault or OpenBao transit.
 
     Create it once per process with `await VaultKms.open(settings)` (reads VAULT_ADDR, the
@@ -129,17 +128,6 @@ class VaultKms:
     async def close(self) -> None:
         """Stop token renewal and close the connection pool. Idempotent."""
         await self._http.close()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     def __repr__(self) -> str:
         http = self._http
