@@ -5,6 +5,7 @@ and refuses SASL settings that would be silently ignored. PLAIN and SCRAM need a
 and exactly one of ENVPIPE_KAFKA_SASL_PASSWORD and ENVPIPE_KAFKA_SASL_PASSWORD_FILE;
 OAUTHBEARER needs ENVPIPE_KAFKA_SASL_OAUTH_TOKEN_PROVIDER, `module:attribute` naming an
 aiokafka `AbstractTokenProvider` subclass (built with no arguments) or instance.
+`login_refused` explains a login the broker refused by the setting that holds the secret.
 
 aiokafka logs each SaslAuthenticate request at DEBUG, PLAIN's password and OAUTHBEARER's token
 included; `redact_sasl_logs` (installed with any SASL credentials) cuts those payloads out.
@@ -28,11 +29,12 @@ from typing import Any
 
 import aiokafka.conn
 from aiokafka.abc import AbstractTokenProvider
+from aiokafka.errors import UnsupportedSaslMechanismError
 
 from pipeline.config import Settings, env_name
 from pipeline.errors import ConfigError
 
-__all__ = ["SaslCredentials", "redact_sasl_logs", "sasl_credentials"]
+__all__ = ["SaslCredentials", "login_refused", "redact_sasl_logs", "sasl_credentials"]
 
 PROTOCOL = env_name("kafka_security_protocol")
 MECHANISM = env_name("kafka_sasl_mechanism")
@@ -87,6 +89,32 @@ class SaslCredentials:
     def redact(self, text: str) -> str:
         """`text` with the password replaced, should a broker or library ever echo it."""
         return text.replace(self.password, "***") if self.password else text
+
+
+def login_refused(sasl: SaslCredentials | None, where: str, exc: BaseException) -> ConfigError:
+    """A login the broker at `where` refused: name the mechanism, the user and the setting that
+    holds the secret (never the secret itself)."""
+    reason = sasl.redact(str(exc)) if sasl is not None else str(exc)
+    if isinstance(exc, UnsupportedSaslMechanismError):
+        return ConfigError(
+            MECHANISM,
+            f"the Kafka broker at {where} does not enable this SASL mechanism ({reason}); "
+            f"set {MECHANISM} to one it enables",
+        )
+    if sasl is None:
+        return ConfigError(PROTOCOL, f"the Kafka broker at {where} refused us: {reason}")
+    if sasl.mechanism == "OAUTHBEARER":
+        return ConfigError(
+            sasl.credential_setting,
+            f"the Kafka broker at {where} refused the OAUTHBEARER token from "
+            f"{sasl.token_provider_name} ({reason}); check that provider's credentials",
+        )
+    return ConfigError(
+        sasl.credential_setting,
+        f"the Kafka broker at {where} refused the {sasl.mechanism} login of user "
+        f"{sasl.username!r} ({reason}); check {sasl.credential_setting} and {USERNAME}, "
+        f"and that the broker has a {sasl.mechanism} credential for that user",
+    )
 
 
 class _RedactSaslPayload(logging.Filter):
