@@ -34,35 +34,23 @@ the stream, and a codec cannot dead-letter a record. See docs/faust.md.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections import Counter
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
-from aiokafka.errors import MessageSizeTooLargeError
-from faust.exceptions import ProducerSendError
-from faust.types import AppT, EventT, TopicT
-from mode.types.signals import BaseSignalT
+from faust.types import EventT, TopicT
 
-from pipeline.config import Settings, load_settings
-from pipeline.decryptor import Decryptor
-from pipeline.encryptor import Encryptor
+from pipeline.config import Settings
 from pipeline.errors import DecryptionError, EnvpipeError, Reason, SealError
-from pipeline.keys_topic import KeysTopicReader, KeysTopicWriter
-from pipeline.kms import CountingKms, open_kms
+from workers.faust_clients import AgentClients
 from workers.faust_delivery import (
-    Deliveries,
-    Headers,
     dead_letter_headers,
     opened_headers,
     sealed_headers,
     send_like,
     size_change,
 )
-from workers.flow import retrying
-from workers.jobs import keys_topic_of
-from workers.kafka_access import KafkaAccess
+from workers.faust_outcomes import Outcomes, crash
 from workers.stats import WorkerStats
 
 __all__ = [
@@ -74,8 +62,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("envpipe.faust")
-
-T = TypeVar("T")
 
 
 class AgentCrypto:
@@ -92,6 +78,9 @@ class AgentCrypto:
 
     `stats` counts what `seal_to` / `open_to` did, as the stream workers count it;
     `stats_json()` is the content of their stats file. `direction` names it there.
+
+    This class decides what each record becomes; `clients` (`workers.faust_clients`) holds
+    what it seals and opens with, and `outcomes` (`workers.faust_outcomes`) writes the result.
     """
 
     def __init__(
@@ -102,25 +91,15 @@ class AgentCrypto:
         direction: str = "faust",
         keys_topic: str = "",
     ) -> None:
-        self._settings = settings
         self._stream = stream
-        self._keys_topic = keys_topic
-        self.deliveries = Deliveries(WorkerStats(direction), self._crash)
-        #: service calls and cache events of the clients and caches closed so far
-        self._closed_kms_calls: Counter[str] = Counter()
-        self._closed_cache: Counter[str] = Counter()
-        self._kms: CountingKms | None = None
-        self._encryptor: Encryptor | None = None
-        self._decryptor: Decryptor | None = None
-        self._keys: list[KeysTopicWriter | KeysTopicReader] = []
-        self._lock: asyncio.Lock | None = None
+        self.clients = AgentClients(settings, stream=stream or "", keys_topic=keys_topic)
+        self.outcomes = Outcomes(WorkerStats(direction))
+        self.deliveries = self.outcomes.deliveries
 
     @property
     def settings(self) -> Settings:
         """The envpipe settings: as given, else flags-free `load_settings()` (env, TOML)."""
-        if self._settings is None:
-            self._settings = load_settings()
-        return self._settings
+        return self.clients.settings
 
     @property
     def stats(self) -> WorkerStats:
@@ -133,22 +112,12 @@ class AgentCrypto:
     @property
     def kms_calls(self) -> Counter[str]:
         """Service calls made so far, by operation (including before a `close()`)."""
-        calls = Counter(self._closed_kms_calls)
-        if self._kms is not None:
-            calls.update(self._kms.calls)
-        return calls
+        return self.clients.kms_calls
 
     @property
     def cache_stats(self) -> Counter[str]:
         """DEK cache events so far, of the encrypt and decrypt caches together."""
-        events = Counter(self._closed_cache)
-        for live in self._live_caches():
-            events.update(live)
-        return events
-
-    def _live_caches(self) -> list[Counter[str]]:
-        caches = (self._encryptor, self._decryptor)
-        return [crypto.cache.stats for crypto in caches if crypto is not None]
+        return self.clients.cache_stats
 
     def stats_json(self) -> dict[str, Any]:
         """The stats file's content, in the format of the stream workers' (workers/stream.py)."""
@@ -165,10 +134,10 @@ class AgentCrypto:
         message = event.message
         if message.value is None:
             return None
-        encryptor = self._encryptor or await self._start_encryptor(event.app, dest)
+        encryptor = self.clients.encryptor or await self.clients.start_encryptor(event.app, dest)
         value, key, headers = message.value, message.key, list(opened_headers(message.headers))
         stream = self._stream or message.topic
-        return await self._retrying(
+        return await self.clients.retrying(
             lambda: encryptor.seal(value, key, headers=headers, stream=stream)
         )
 
@@ -181,9 +150,11 @@ class AgentCrypto:
         message = event.message
         if message.value is None:
             return None
-        decryptor = self._decryptor or await self._start_decryptor(event.app, message.topic)
+        decryptor = self.clients.decryptor or await self.clients.start_decryptor(
+            event.app, message.topic
+        )
         value, key = message.value, message.key
-        return await self._retrying(lambda: decryptor.open(value, key))
+        return await self.clients.retrying(lambda: decryptor.open(value, key))
 
     # -- one record, through to the next topic --
 
@@ -196,18 +167,18 @@ class AgentCrypto:
         try:
             sealed = await self.seal(event, dest.get_topic_name())
         except SealError as exc:
-            await self._reject(event, exc.reason, dlq, exc)
+            await self.outcomes.reject(event, exc.reason, dlq, exc)
             return
         except EnvpipeError as exc:
-            await self._crash(event, exc, "sealing failed and retrying cannot help")
+            await crash(event, exc, "sealing failed and retrying cannot help")
             raise
         except Exception as exc:  # noqa: BLE001 - one bad record must not stop the stream
             log.error("a record could not be sealed: %s", type(exc).__name__)  # noqa: TRY400
-            await self._reject(event, Reason.SEAL_FAILED, dlq, exc)
+            await self.outcomes.reject(event, Reason.SEAL_FAILED, dlq, exc)
             return
         overhead = size_change(event.message.value, sealed)
         headers = sealed_headers(event.message.headers, self.settings.format)
-        await self._deliver(dest, event, sealed, headers, dlq, overhead=overhead)
+        await self.outcomes.deliver(dest, event, sealed, headers, dlq, overhead=overhead)
 
     async def open_to(self, dest: TopicT, event: EventT[Any], *, dlq: TopicT | None = None) -> None:
         """Open the event into `dest`, or dead-letter it; acknowledge it once written.
@@ -218,137 +189,15 @@ class AgentCrypto:
         try:
             opened = await self.open(event)
         except DecryptionError as exc:
-            await self._reject(event, exc.reason, dlq, exc)
+            await self.outcomes.reject(event, exc.reason, dlq, exc)
             return
         except EnvpipeError as exc:
-            await self._crash(event, exc, "opening failed and retrying cannot help")
+            await crash(event, exc, "opening failed and retrying cannot help")
             raise
         overhead = size_change(opened, event.message.value)
         headers = opened_headers(event.message.headers)
-        await self._deliver(dest, event, opened, headers, dlq, overhead=overhead)
-
-    async def _deliver(
-        self,
-        dest: TopicT,
-        event: EventT[Any],
-        value: bytes | None,
-        headers: Headers,
-        dlq: TopicT | None,
-        *,
-        overhead: int | None,
-    ) -> None:
-        """Produce the output; `overhead` is envelope minus plaintext bytes (None: tombstone)."""
-        try:
-            delivery = await send_like(dest, event, value, headers)
-        except ProducerSendError as exc:  # Faust's wrapper of aiokafka's errors
-            if not isinstance(exc.__cause__, MessageSizeTooLargeError):
-                await self._crash(event, exc, "producing failed")
-                raise
-            await self._reject(event, Reason.TOO_LARGE, dlq, exc)
-            return
-        self.deliveries.watch(delivery, event, None, overhead)
-
-    async def _reject(
-        self, event: EventT[Any], reason: str, dlq: TopicT | None, exc: Exception
-    ) -> None:
-        """Dead-letter the original record, or crash the worker if there is no DLQ."""
-        if dlq is None:
-            await self._crash(event, exc, f"a record cannot be processed (reason={reason})")
-            raise exc
-        message = event.message
-        delivery = await send_like(dlq, event, message.value, dead_letter_headers(event, reason))
-        self.deliveries.watch(delivery, event, str(reason), None)
-
-    @staticmethod
-    async def _crash(event: EventT[Any], exc: BaseException, why: str) -> None:
-        """Stop the worker without acknowledging the record, so it is read again on restart."""
-        message = event.message
-        log.error(
-            "%s at %s/%d/%d (%s); stopping the worker without committing it",
-            why,
-            message.topic,
-            message.partition,
-            message.offset,
-            type(exc).__name__,
-        )
-        await event.app.crash(exc)
-
-    # -- lifecycle --
-
-    async def _start_encryptor(self, app: AppT, dest: str) -> Encryptor:
-        async with self._starting():
-            if self._encryptor is None:
-                kms, settings = await self._open_kms(app), self.settings
-                sink = None
-                if settings.format == "v2":
-                    kafka = KafkaAccess.from_settings(settings)
-                    sink = await KeysTopicWriter.open(
-                        self._keys_topic or keys_topic_of(dest, settings.keys_topic),
-                        **kafka.client_kwargs(),
-                    )
-                    self._keys.append(sink)
-                self._encryptor = await self._retrying(
-                    lambda: Encryptor.from_settings(
-                        kms, settings, stream=self._stream or "", header_sink=sink
-                    )
-                )
-            return self._encryptor
-
-    async def _start_decryptor(self, app: AppT, source: str) -> Decryptor:
-        async with self._starting():
-            if self._decryptor is None:
-                kms, settings = await self._open_kms(app), self.settings
-                kafka = KafkaAccess.from_settings(settings)
-                reader = await KeysTopicReader.open(
-                    keys_topic_of(source, settings.keys_topic),
-                    max_headers=settings.keys_cache_size,
-                    **kafka.client_kwargs(),
-                )
-                self._keys.append(reader)
-                self._decryptor = await self._retrying(
-                    lambda: Decryptor.from_settings(kms, settings, header_source=reader)
-                )
-            return self._decryptor
-
-    def _starting(self) -> asyncio.Lock:
-        """One start at a time (made lazily: a lock belongs to the loop that first uses it)."""
-        if self._lock is None:
-            self._lock = asyncio.Lock()
-        return self._lock
-
-    async def _open_kms(self, app: AppT) -> CountingKms:
-        if self._kms is None:
-            self._kms = CountingKms(await open_kms(self.settings))
-            app.on_before_shutdown.connect(self._on_shutdown)
-        return self._kms
-
-    async def _on_shutdown(self, app: Any, /, *_: Any, signal: BaseSignalT[Any], **__: Any) -> None:
-        await self.close()
+        await self.outcomes.deliver(dest, event, opened, headers, dlq, overhead=overhead)
 
     async def close(self) -> None:
         """Drop every DEK and close the service client; the next use starts afresh."""
-        encryptor, decryptor, kms, keys = self._encryptor, self._decryptor, self._kms, self._keys
-        for live in self._live_caches():
-            self._closed_cache.update(live)
-        if kms is not None:
-            self._closed_kms_calls.update(kms.calls)
-        self._encryptor = self._decryptor = self._kms = None
-        self._keys = []
-        for crypto in (encryptor, decryptor):
-            if crypto is not None:
-                await crypto.close()
-        for topic in keys:
-            await topic.close()
-        if kms is not None:
-            calls = ", ".join(f"{name} {count}" for name, count in sorted(kms.calls.items()))
-            log.info("KMS calls by operation: %s", calls or "none")
-            await kms.close()
-
-    async def _retrying(self, attempt: Callable[[], Awaitable[T]]) -> T:
-        """The stream workers' retry rule: jittered backoff on retriable errors."""
-        return await retrying(
-            attempt,
-            what="the Faust agent",
-            cap=self.settings.kms_retry_max_seconds,
-            wait=asyncio.sleep,
-        )
+        await self.clients.close()

@@ -206,8 +206,8 @@ class Open(_KmsTransform):
         if self.decryptor is not None:
             self.decryptor.cache.clear()
 
-    def __init__(self, settings: Settings) -> None:
-        super().__init__(settings)
+    def __init__(self, settings: Settings, *, client: CountingKms | None = None) -> None:
+        super().__init__(settings, client)
         self.decryptor: Decryptor | None = None
 
     async def start(self, sink: HeaderSink | None, source: HeaderSource | None) -> None:
