@@ -244,11 +244,14 @@ async def test_close_is_idempotent_and_final(kms: InMemoryKms) -> None:
 
 
 async def test_async_with_closes_the_client_even_when_the_block_raises(kms: InMemoryKms) -> None:
-    with pytest.raises(RuntimeError, match="boom"):
+    async def fail_inside() -> None:
         async with kms as entered:
             assert entered is kms
             assert not kms.closed
             raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        await fail_inside()
     assert kms.closed
 
 
