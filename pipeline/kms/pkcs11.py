@@ -56,12 +56,44 @@ _P256_COORDINATE = 32
 
 @dataclass(frozen=True, slots=True)
 class _Lookup:
-    """What `_find` searches for: the key, its class and type, and how messages name it."""
+    """One key to find on the token: its label (and id), class and type, and how messages
+    name it. Found again on every call, so a destroyed or re-labelled key is noticed at once."""
 
     ref: KeyRef
     object_class: ObjectClass
     key_type: KeyType
     what: str
+
+    def find(self, session: Session, sessions: TokenSessions, operation: str) -> Object:
+        """The one object with this label, class and type; a lost login is repaired once."""
+        template: dict[Attribute, Any] = {
+            Attribute.CLASS: self.object_class,
+            Attribute.KEY_TYPE: self.key_type,
+            Attribute.LABEL: self.ref.label,
+        }
+        if self.ref.id is not None:
+            template[Attribute.ID] = self.ref.id
+        found = list(session.get_objects(template))
+        if not found and sessions.ensure_login(session):
+            _log.warning("PKCS#11 token %r had been logged out; logged in again", self.ref.token)
+            found = list(session.get_objects(template))
+        if not found:
+            raise KeyUnavailableError(
+                operation, "NoSuchKey", f"no {self.what} on token {self.ref.token!r}"
+            )
+        if len(found) > 1:
+            raise KmsRequestError(
+                operation,
+                "MultipleObjectsReturned",
+                f"{len(found)} objects match {self.what}; labels must be unique",
+            )
+        return found[0]
+
+    def refused(self, operation: str, attribute: str) -> KmsRequestError:
+        """The key exists but its attributes forbid this use."""
+        return KmsRequestError(
+            operation, "CKR_KEY_FUNCTION_NOT_PERMITTED", f"{self.what} does not allow {attribute}"
+        )
 
 
 class Pkcs11Kms(ClosedOnExit):
@@ -168,9 +200,9 @@ class Pkcs11Kms(ClosedOnExit):
         aad = context.encoded
 
         def work(session: Session) -> DataKey:
-            kek = self._find(session, lookup, op)
+            kek = lookup.find(session, self._sessions, op)
             if not isinstance(kek, EncryptMixin):
-                raise self._usage_error(op, lookup, "CKA_ENCRYPT")
+                raise lookup.refused(op, "CKA_ENCRYPT")
             dek = session.generate_random(DEK_BYTES * 8)
             iv = session.generate_random(IV_BYTES * 8)
             sealed = kek.encrypt(
@@ -193,9 +225,9 @@ class Pkcs11Kms(ClosedOnExit):
         params = GCMParams(wrapped[:IV_BYTES], context.encoded, TAG_BYTES * 8)
 
         def work(session: Session) -> bytes:
-            kek = self._find(session, lookup, op)
+            kek = lookup.find(session, self._sessions, op)
             if not isinstance(kek, DecryptMixin):
-                raise self._usage_error(op, lookup, "CKA_DECRYPT")
+                raise lookup.refused(op, "CKA_DECRYPT")
             dek = _as_bytes(
                 kek.decrypt(
                     wrapped[IV_BYTES:], mechanism=Mechanism.AES_GCM, mechanism_param=params
@@ -215,9 +247,9 @@ class Pkcs11Kms(ClosedOnExit):
             raise KmsRequestError(op, "bad_digest", f"the digest is {len(digest)} bytes, not 32")
 
         def work(session: Session) -> bytes:
-            key = self._find(session, lookup, op)
+            key = lookup.find(session, self._sessions, op)
             if not isinstance(key, SignMixin):
-                raise self._usage_error(op, lookup, "CKA_SIGN")
+                raise lookup.refused(op, "CKA_SIGN")
             return key.sign(digest, mechanism=Mechanism.ECDSA)
 
         raw = await self._calls.run(op, work, f"signing with {lookup.ref.label!r}")
@@ -233,7 +265,7 @@ class Pkcs11Kms(ClosedOnExit):
         lookup = _Lookup(signing.ref, ObjectClass.PUBLIC_KEY, KeyType.EC, "public key")
 
         def work(session: Session) -> bytes:
-            key = self._find(session, lookup, op)
+            key = lookup.find(session, self._sessions, op)
             if not isinstance(key, PublicKey):
                 raise KmsRequestError(op, "not_public_key", "the object is not a public key")
             return encode_ec_public_key(key)
@@ -255,7 +287,7 @@ class Pkcs11Kms(ClosedOnExit):
         lookup = self._lookup(name, role, Operation.RESOLVE)
 
         def work(session: Session) -> str:
-            self._find(session, lookup, Operation.RESOLVE)
+            lookup.find(session, self._sessions, Operation.RESOLVE)
             return lookup.ref.canonical
 
         return await self._calls.run(Operation.RESOLVE, work, f"looking up {lookup.ref.label!r}")
@@ -263,36 +295,6 @@ class Pkcs11Kms(ClosedOnExit):
     def _lookup(self, name: str, role: Role, operation: str) -> _Lookup:
         ref = key_ref(name, role, self._sessions.label, operation)
         return _Lookup(ref, role.object_class, role.key_type, role.describe(ref))
-
-    def _find(self, session: Session, lookup: _Lookup, operation: str) -> Object:
-        """The one object with this label, class and type; a lost login is repaired once."""
-        template: dict[Attribute, Any] = {
-            Attribute.CLASS: lookup.object_class,
-            Attribute.KEY_TYPE: lookup.key_type,
-            Attribute.LABEL: lookup.ref.label,
-        }
-        if lookup.ref.id is not None:
-            template[Attribute.ID] = lookup.ref.id
-        found = list(session.get_objects(template))
-        if not found and self._sessions.ensure_login(session):
-            _log.warning("PKCS#11 token %r had been logged out; logged in again", lookup.ref.token)
-            found = list(session.get_objects(template))
-        if not found:
-            raise KeyUnavailableError(
-                operation, "NoSuchKey", f"no {lookup.what} on token {lookup.ref.token!r}"
-            )
-        if len(found) > 1:
-            raise KmsRequestError(
-                operation,
-                "MultipleObjectsReturned",
-                f"{len(found)} objects match {lookup.what}; labels must be unique",
-            )
-        return found[0]
-
-    def _usage_error(self, operation: str, lookup: _Lookup, attribute: str) -> KmsRequestError:
-        return KmsRequestError(
-            operation, "CKR_KEY_FUNCTION_NOT_PERMITTED", f"{lookup.what} does not allow {attribute}"
-        )
 
 
 def _as_bytes(value: bytes | object, operation: str) -> bytes:
