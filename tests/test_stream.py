@@ -15,6 +15,7 @@ import random
 import signal
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,6 +26,7 @@ from pipeline.errors import KeyUnavailableError, KmsUnavailableError, SealError
 from pipeline.types import EncryptionContext
 from tests import kit
 from tests.kit import IDLE, MARKER, Rec, Tail, Workers
+from tests.outages import KmsOutage
 from workers.contract import ERROR_HEADER, SOURCE_HEADER
 from workers.dev import DevEnv
 from workers.stats import Histogram
@@ -214,22 +216,12 @@ async def test_kill_9_then_restart_loses_nothing(
 # --- 3. KMS outage ---------------------------------------------------------------------------
 
 
-def _networked(env: DevEnv) -> None:
-    """The outage tests put a fault proxy in the network path: aws and vault only."""
-    if env.provider == "pkcs11":
-        pytest.skip(
-            "a PKCS#11 module is an in-process library: there is no network path to cut "
-            "(the HSM's retriable errors are covered in tests/test_kms_pkcs11.py)"
-        )
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(150)
 async def test_encrypt_rides_out_a_kms_outage(
-    provider_env: DevEnv, provider_workers: Workers
+    provider_env: DevEnv, provider_workers: Workers, tmp_path: Path
 ) -> None:
     env, workers = provider_env, provider_workers
-    _networked(env)
     bootstrap = env.bootstrap_servers
     plain, enc, group = kit.name("outage-plain"), kit.name("outage-enc"), kit.name("g")
     await kit.create_topic(bootstrap, plain)
@@ -237,7 +229,7 @@ async def test_encrypt_rides_out_a_kms_outage(
     before, during = originals[:3_000], originals[3_000:]
     await kit.produce(bootstrap, plain, before)
 
-    async with kit.fault_proxy(env) as proxy:
+    async with KmsOutage(env, tmp_path) as outage:
         worker = await workers.encrypt(
             plain,
             enc,
@@ -245,25 +237,26 @@ async def test_encrypt_rides_out_a_kms_outage(
             "--stop-when-idle",
             "4",
             name="outage",
-            **kit.through(env, proxy),
+            **outage.variables,
             ENVPIPE_DEK_MAX_RECORDS="2000",
             ENVPIPE_DEK_GRACE_SECONDS="1",
             ENVPIPE_KMS_RETRY_MAX_SECONDS="1",
         )
         async with Tail(bootstrap, enc) as tail:
             await tail.wait_for(len(before), within=60)
-            await proxy.set_mode("refuse")
+            await outage.begin("refuse")
             await kit.produce(bootstrap, plain, during)
             stalled = await tail.settled()
             # The spent DEK stopped the worker; grace never stretches a DEK's record limit.
             assert len(before) <= stalled < len(originals)
-            for mode, seconds in (("throttle", 3), ("internal", 3), ("stall", 5)):
-                await proxy.set_mode(mode)
+            for mode, seconds in outage.modes(("throttle", 3), ("internal", 3), ("stall", 5)):
+                await outage.begin(mode)
+                met = outage.failed_calls(worker, mode)
                 assert await tail.poll(seconds) == stalled
-                assert proxy.count(mode) > 0, f"the worker made no KMS call while in {mode}"
+                assert outage.failed_calls(worker, mode) > met, f"no KMS call met {mode}"
         assert worker.returncode is None
 
-        await proxy.set_mode("pass")
+        await outage.end()
         assert await worker.wait(90) == 0, worker.tail()
 
     sealed = await kit.read(bootstrap, enc)
@@ -276,7 +269,7 @@ async def test_encrypt_rides_out_a_kms_outage(
     assert worker.stats()["pauses"]["kms"] >= 1
     log = worker.log.read_text()
     assert "retry" in log
-    for secret in (env.secret_access_key, env.variables.get("VAULT_TOKEN")):
+    for secret in (env.secret_access_key, env.variables.get("VAULT_TOKEN"), outage.secret):
         assert not secret or secret not in log
     print(f"outage: stalled at {stalled}, {kit.duplicates(sealed)} duplicates")
 
@@ -284,10 +277,9 @@ async def test_encrypt_rides_out_a_kms_outage(
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 async def test_decrypt_holds_good_records_through_a_kms_outage(
-    provider_env: DevEnv, provider_workers: Workers
+    provider_env: DevEnv, provider_workers: Workers, tmp_path: Path
 ) -> None:
     env, workers = provider_env, provider_workers
-    _networked(env)
     bootstrap = env.bootstrap_servers
     enc, dec, dlq, group = (kit.name(f"dout-{part}") for part in ("enc", "dec", "dlq", "g"))
     await kit.create_topic(bootstrap, enc)
@@ -306,7 +298,7 @@ async def test_decrypt_holds_good_records_through_a_kms_outage(
     ]
     await kit.produce(bootstrap, enc, envelopes[:1_000])
 
-    async with kit.fault_proxy(env) as proxy:
+    async with KmsOutage(env, tmp_path) as outage:
         worker = await workers.decrypt(
             enc,
             dec,
@@ -316,15 +308,16 @@ async def test_decrypt_holds_good_records_through_a_kms_outage(
             "4",
             name="decrypt-outage",
             ENVPIPE_KMS_RETRY_MAX_SECONDS="1",
-            **kit.through(env, proxy),
+            **outage.variables,
         )
         async with Tail(bootstrap, dec) as tail:
             await tail.wait_for(1_000, within=60)
-            await proxy.set_mode("internal")
+            await outage.begin("internal")
             await kit.produce(bootstrap, enc, envelopes[1_000:])
             assert await tail.poll(3) == 1_000
-        assert proxy.count("internal", "Decrypt" if env.provider == "aws" else "/decrypt/") > 0
-        await proxy.set_mode("pass")
+        assert outage.failed_calls(worker, "internal", "unwrap") > 0
+        assert worker.returncode is None
+        await outage.end()
         assert await worker.wait(90) == 0, worker.tail()
 
     assert await kit.count(bootstrap, dlq) == 0

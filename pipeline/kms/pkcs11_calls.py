@@ -19,7 +19,13 @@ import pkcs11.exceptions as p11
 from pkcs11 import Session
 
 from pipeline.errors import EnvpipeError, KmsRequestError
-from pipeline.kms.pkcs11_errors import AMBIGUOUS, SESSION_LOST, error_code, translate
+from pipeline.kms.pkcs11_errors import (
+    AMBIGUOUS,
+    SESSION_LOST,
+    device_lost,
+    error_code,
+    translate,
+)
 from pipeline.kms.pkcs11_token import ClosedError, TokenSessions
 
 __all__ = ["TokenCalls"]
@@ -74,9 +80,11 @@ class TokenCalls:
                     raise self._translate(exc, operation, session, detail) from exc
         except ClosedError as exc:
             raise _closed(operation) from exc
-        except p11.PKCS11Error as exc:  # opening this thread's session, or logging in
+        except p11.PKCS11Error as exc:  # re-initialising, opening the session, logging in
             if isinstance(exc, _DEVICE_GONE):
                 self._sessions.forget_token()
+            if device_lost(exc):
+                self._sessions.connection_lost()
             raise translate(
                 exc,
                 operation,
@@ -88,6 +96,8 @@ class TokenCalls:
         self, exc: p11.PKCS11Error, operation: str, session: Session, detail: str
     ) -> EnvpipeError:
         """Runs under the call lock, so the session and the probe are still this thread's."""
+        if device_lost(exc):
+            self._sessions.connection_lost()
         if isinstance(exc, SESSION_LOST):
             self._sessions.drop_current(forget_token=isinstance(exc, _DEVICE_GONE))
         elif isinstance(exc, AMBIGUOUS) and self._sessions.healthy(session):

@@ -1,6 +1,7 @@
 """python-pkcs11's exceptions, translated into envpipe's error tree at the boundary.
 
-    device, session, memory, login lost          KmsUnavailableError (retriable)
+    device, session, memory, login lost          KmsUnavailableError (retriable); a lost
+                                                 device re-initialises the module first
     object gone (NoSuchKey, a stale handle)      KeyUnavailableError (crypto-shredding)
     PinIncorrect, PinLocked, PinExpired, ...     ConfigError naming the PIN setting
     key usage, mechanism, data, template         KmsRequestError
@@ -27,7 +28,7 @@ from pipeline.errors import (
     KmsUnavailableError,
 )
 
-__all__ = ["AMBIGUOUS", "SESSION_LOST", "error_code", "translate"]
+__all__ = ["AMBIGUOUS", "SESSION_LOST", "device_lost", "error_code", "translate"]
 
 #: The token may be down, or may have refused this one request: probe before translating.
 AMBIGUOUS: tuple[type[p11.PKCS11Error], ...] = (p11.GeneralError, p11.FunctionFailed)
@@ -41,6 +42,14 @@ SESSION_LOST: tuple[type[p11.PKCS11Error], ...] = (
     p11.TokenNotRecognised,
     p11.UserNotLoggedIn,
     p11.DeviceError,
+)
+
+#: The module lost its device (a network HSM's client: the connection): re-initialise it.
+_DEVICE_LOST: tuple[type[p11.PKCS11Error], ...] = (
+    p11.DeviceError,
+    p11.DeviceRemoved,
+    p11.TokenNotPresent,
+    p11.TokenNotRecognised,
 )
 
 _UNAVAILABLE: tuple[type[p11.PKCS11Error], ...] = (
@@ -98,6 +107,11 @@ def error_code(exc: p11.PKCS11Error) -> str:
         return "PKCS11Error"
     value = int(match.group(1), 16)
     return _UNMAPPED.get(value, f"CKR_0x{value:X}")
+
+
+def device_lost(exc: p11.PKCS11Error) -> bool:
+    """Whether `exc` says the module lost its device, or was left uninitialised by that."""
+    return isinstance(exc, _DEVICE_LOST) or error_code(exc) == "CKR_CRYPTOKI_NOT_INITIALIZED"
 
 
 def translate(

@@ -21,6 +21,11 @@ Why each piece is the way it is:
   `C_GetSessionInfo` are called through the module's own function list (`_Functions`). The
   state check is what tells "not logged in any more" (private objects vanish from searches)
   apart from "the key was destroyed".
+- **Re-initialise after a lost device.** A network HSM's client (p11-kit's, vendors') keeps
+  answering CKR_DEVICE_ERROR after the HSM is back, until `C_Finalize` + `C_Initialize`. A
+  lost device marks the module `lost`; the next call re-initialises it, forsakes the old
+  generation's sessions (not closed: their handles mean nothing now), finds the token again
+  and logs in. A token found once and missing later is an outage (docs/pkcs11.md).
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pkcs11
 import pkcs11.exceptions as p11
@@ -116,20 +121,38 @@ def _check(rv: int) -> None:
         raise _RV_ERRORS.get(rv, p11.PKCS11Error)(f"Unmapped error code {rv:#x}")
 
 
+def _function_list(lib: Pkcs11Lib, path: str) -> Any:
+    """The CK_FUNCTION_LIST python-pkcs11 initialised, as a ctypes pointer.
+
+    Not a second `C_GetFunctionList`: p11-kit's client (like other proxies) makes a new,
+    uninitialised instance with its own connection per call, whose sessions are not ours.
+    python-pkcs11 keeps the pointer in the first field of its Cython base `HasFuncList`,
+    right after the object header; that layout is checked before reading it.
+    """
+    base = type(lib).__mro__[1]
+    header, pointer = object.__basicsize__, ctypes.sizeof(ctypes.c_void_p)
+    if base.__name__ == "HasFuncList" and base.__basicsize__ == header + 3 * pointer:
+        address = ctypes.c_void_p.from_address(id(lib) + header).value
+        if address:
+            return ctypes.cast(address, ctypes.POINTER(_FunctionList))
+    _log.warning("python-pkcs11's layout is unknown; asking %s for its function list", path)
+    get_list = ctypes.CDLL(path).C_GetFunctionList
+    get_list.restype = ctypes.c_ulong
+    get_list.argtypes = (ctypes.POINTER(ctypes.POINTER(_FunctionList)),)
+    table = ctypes.POINTER(_FunctionList)()
+    _check(get_list(ctypes.byref(table)))
+    return table
+
+
 class _Functions:
     """`C_Login` and `C_GetSessionInfo` of the already-initialised module, via ctypes.
 
-    `dlopen` of a loaded path returns the same library, so these act on python-pkcs11's
+    They go through python-pkcs11's own function list (`_function_list`), so they act on its
     sessions. ctypes releases the GIL during each call, as python-pkcs11 does.
     """
 
-    def __init__(self, path: str) -> None:
-        library = ctypes.CDLL(path)
-        get_list = library.C_GetFunctionList
-        get_list.restype = ctypes.c_ulong
-        get_list.argtypes = (ctypes.POINTER(ctypes.POINTER(_FunctionList)),)
-        table = ctypes.POINTER(_FunctionList)()
-        _check(get_list(ctypes.byref(table)))
+    def __init__(self, lib: Pkcs11Lib, path: str) -> None:
+        table = _function_list(lib, path)
         self._login = _LOGIN(table.contents.C_Login)
         self._session_info = _SESSION_INFO(table.contents.C_GetSessionInfo)
 
@@ -149,13 +172,29 @@ class _Functions:
 
 @dataclass(eq=False)
 class LoadedModule:
-    """A PKCS#11 module as loaded into this process, with the lock that serialises its calls."""
+    """A PKCS#11 module as loaded into this process, with the lock that serialises its calls.
+
+    `generation` counts re-initialisations: a session opened in an older one is dead.
+    """
 
     path: str
     lib: Pkcs11Lib
     functions: _Functions
     softhsm_conf: str | None
     calls: threading.Lock
+    lost: bool = False
+    generation: int = 0
+
+    def reinitialize(self) -> None:
+        """`C_Finalize` + `C_Initialize` (the caller holds `calls`); raises while still down."""
+        try:
+            self.lib.finalize()
+        except p11.PKCS11Error:  # already finalised, or the device answers nothing
+            _log.debug("C_Finalize of %s failed", self.path, exc_info=True)
+        self.lib.initialize()
+        self.lost = False
+        self.generation += 1
+        _log.debug("re-initialised PKCS#11 module %s after losing the device", self.path)
 
 
 _modules: dict[str, LoadedModule] = {}
@@ -184,7 +223,7 @@ def load_module(path: str, softhsm_conf: str | None = None) -> LoadedModule:
             os.environ["SOFTHSM2_CONF"] = softhsm_conf
         try:
             lib = pkcs11.lib(path)
-            functions = _Functions(path)
+            functions = _Functions(lib, path)
         except (p11.PKCS11Error, OSError, AttributeError) as exc:
             raise ConfigError(
                 MODULE_SETTING, f"cannot load {path} as a PKCS#11 module: {exc}"
@@ -244,6 +283,8 @@ class TokenSessions:
         self.pin_setting = pin_setting
         self._pin = pin.encode("utf-8")
         self._token: Token | None = None
+        self._found = False
+        self._generation = module.generation
         self._local = threading.local()
         self._sessions: list[Session] = []
         self.closed = False
@@ -267,8 +308,11 @@ class TokenSessions:
 
     def _find_token(self) -> Token:
         try:
-            return self.module.lib.get_token(token_label=self.label)
+            token = self.module.lib.get_token(token_label=self.label)
         except p11.NoSuchToken as exc:
+            if self._found:  # it was here: the device (or the way to it) is gone
+                self.connection_lost()
+                raise p11.TokenNotPresent from exc
             found = sorted(token.label for token in self.module.lib.get_tokens())
             listing = ", ".join(repr(label) for label in found) or "none"
             raise ConfigError(
@@ -279,15 +323,36 @@ class TokenSessions:
             raise ConfigError(
                 TOKEN_SETTING, f"more than one token is labelled {self.label!r}; relabel one"
             ) from exc
+        if self._found and self.module.generation:
+            _log.info("PKCS#11 token %r found again after losing the device", self.label)
+        self._found = True
+        return token
+
+    def connection_lost(self) -> None:
+        """The module lost its device: re-initialise it before the next call."""
+        self.module.lost = True
+
+    def _renew(self) -> None:
+        """Re-initialise a lost module; forsake the sessions of an older generation."""
+        if self.module.lost:
+            self.module.reinitialize()
+        if self._generation != self.module.generation:
+            self._generation = self.module.generation
+            self._sessions = []
+            self._token = None
 
     def _current(self) -> Session:
+        self._renew()
         session: Session | None = getattr(self._local, "session", None)
+        if getattr(self._local, "generation", None) != self._generation:
+            session = None
         if session is None:
             if self._token is None:
                 self._token = self._find_token()
             session = self._token.open(rw=False)
             self._sessions.append(session)
             self._local.session = session
+            self._local.generation = self._generation
             try:
                 self.ensure_login(session)
             except BaseException:
@@ -304,6 +369,8 @@ class TokenSessions:
     def drop_current(self, *, forget_token: bool = False) -> None:
         """Discard this thread's session (the token declared it dead); the next call reopens."""
         session: Session | None = getattr(self._local, "session", None)
+        if getattr(self._local, "generation", None) != self._generation:
+            session = None  # opened before a re-initialisation: its handle means nothing now
         self._local.session = None
         if forget_token:
             self.forget_token()

@@ -25,12 +25,16 @@ import sys
 from pathlib import Path
 
 import pkcs11
+import pkcs11.exceptions
 from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
+from pkcs11.mechanisms import GCMParams
+from pkcs11.types import EncryptMixin
 from pkcs11.util.ec import encode_named_curve_parameters
 
 from pipeline.errors import ServiceError
 from pipeline.kms.pkcs11_uri import canonical_key_uri
 from workers.dev.service import KmsStarted, Launcher
+from workers.supervisor import Child, wait_until
 
 TOKEN_LABEL = "envpipe-dev"  # noqa: S105 - a label, not a secret
 KMS_KEY_LABEL = "envpipe-dev"
@@ -43,6 +47,7 @@ MODULE_PATHS = (
     "/usr/local/lib/softhsm/libsofthsm2.so",
 )
 INSTALL_HINT = "install Debian's softhsm2 package: apt-get install softhsm2"
+INSTALL_P11KIT = "apt-get install p11-kit p11-kit-modules"
 
 _PIN_HEX_BYTES = 16
 
@@ -211,6 +216,118 @@ def _create_keys_in_this_process(module: str, token_label: str, pin: str) -> Non
                 raise SystemExit(f"expected one {object_class.name} {label!r}, found {count}")
 
 
+#: Where p11-kit keeps its server and client module, under a prefix (Debian's is /usr).
+_P11KIT_SERVER = "libexec/p11-kit/p11-kit-server"
+_P11KIT_CLIENT = "lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so"
+_P11KIT_LIBS = "lib/x86_64-linux-gnu"
+#: The child's exit code when the transport refuses CKM_AES_GCM's parameters.
+_NO_GCM = 3
+
+
+class NetworkToken:
+    """The dev token behind `p11-kit server` on a unix socket: an HSM reached over a wire.
+
+    A worker loads `client_module` with `variables` and talks to the server process, as a
+    network HSM's client library talks to its appliance; `stop` is the HSM going away (the
+    server and its per-connection children: its own process group), `start` its return on
+    the same socket. `prefix` is a p11-kit installation (default Debian's, /usr); the PIN
+    never reaches the server, only the client's `C_Login`.
+    """
+
+    def __init__(
+        self, conf: Path, token: str, socket: Path, log: Path, prefix: Path = Path("/usr")
+    ) -> None:
+        server = prefix / _P11KIT_SERVER
+        self.client_module = str(prefix / _P11KIT_CLIENT)
+        if not server.is_file() or not Path(self.client_module).is_file():
+            raise ServiceError(
+                f"no p11-kit server or client module under {prefix}: {INSTALL_P11KIT}"
+            )
+        self._argv = [str(server), "--foreground", "--name", str(socket)]
+        self._argv += ["--provider", find_module(), f"pkcs11:token={token}"]
+        self._env = {**os.environ, "SOFTHSM2_CONF": str(conf)}
+        if prefix != Path("/usr"):
+            self._env["LD_LIBRARY_PATH"] = str(prefix / _P11KIT_LIBS)
+        self._token = token
+        self._socket = socket
+        self._log = log
+        self._child: Child | None = None
+
+    @property
+    def variables(self) -> dict[str, str]:
+        """What points a worker at this token instead of the in-process SoftHSM2."""
+        return {
+            "ENVPIPE_PKCS11_MODULE": self.client_module,
+            "P11_KIT_SERVER_ADDRESS": f"unix:path={self._socket}",
+        }
+
+    def start(self, timeout: float = 10.0) -> None:
+        """Serve the token on the socket (again); returns once the server listens."""
+        self._socket.unlink(missing_ok=True)
+        child = Child.spawn(
+            self._argv, name="p11-kit server", log=self._log, env=self._env, detached=True,
+            append=True,
+        )  # fmt: skip
+        self._child = child
+        if not wait_until(lambda: self._socket.exists() or not child.running, timeout):
+            child.stop_sync()
+            raise ServiceError(f"p11-kit server did not listen within {timeout:g} s")
+        if not child.running:
+            raise child.exited_error("while starting")
+
+    def stop(self) -> None:
+        """The HSM goes away: the server and every connection it serves end."""
+        if self._child is not None:
+            self._child.stop_sync()
+            self._child = None
+
+    def carries_aes_gcm(self, pin: str, timeout: float = 30.0) -> bool:
+        """Whether the wire carries CKM_AES_GCM's parameters (p11-kit 0.25 on; 0.24 refuses).
+
+        Asked in a child interpreter, so this process's module configuration stays its own.
+        """
+        argv = [sys.executable, "-P", "-m", "workers.dev.softhsm", "--probe-gcm"]
+        argv += [self.client_module, self._token]
+        env = {**os.environ, **self.variables}
+        try:
+            done = subprocess.run(
+                argv, env=env, input=pin + "\n", capture_output=True, text=True,
+                timeout=timeout, check=False,
+            )  # fmt: skip
+        except subprocess.TimeoutExpired as exc:
+            raise ServiceError(f"probing p11-kit for AES-GCM took over {timeout:g} s") from exc
+        if done.returncode not in (0, _NO_GCM):
+            raise ServiceError(f"probing p11-kit for AES-GCM failed: {done.stderr[-500:]}")
+        return done.returncode == 0
+
+    def __enter__(self) -> NetworkToken:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _probe_gcm(module: str, token_label: str, pin: str) -> int:
+    """The child's work for `carries_aes_gcm`: one GCM encryption under the dev KEK."""
+    token = pkcs11.lib(module).get_token(token_label=token_label)
+    with token.open(user_pin=pin) as session:
+        kek = session.get_key(ObjectClass.SECRET_KEY, KeyType.AES, KMS_KEY_LABEL)
+        if not isinstance(kek, EncryptMixin):
+            raise SystemExit(f"{KMS_KEY_LABEL!r} is not an encryption key")
+        try:
+            kek.encrypt(
+                bytes(32),
+                mechanism=Mechanism.AES_GCM,
+                mechanism_param=GCMParams(bytes(12), b"", 128),
+            )
+        except pkcs11.exceptions.MechanismInvalid:
+            return _NO_GCM
+    return 0
+
+
 if __name__ == "__main__":
-    # python -m workers.dev.softhsm MODULE TOKEN_LABEL, the user PIN on stdin.
+    # python -m workers.dev.softhsm [--probe-gcm] MODULE TOKEN_LABEL, the user PIN on stdin.
+    if sys.argv[1] == "--probe-gcm":
+        sys.exit(_probe_gcm(sys.argv[2], sys.argv[3], sys.stdin.readline().rstrip("\n")))
     _create_keys_in_this_process(sys.argv[1], sys.argv[2], sys.stdin.readline().rstrip("\n"))
