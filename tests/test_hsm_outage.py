@@ -28,7 +28,8 @@ from pkcs11 import Session
 from pipeline.errors import KmsUnavailableError
 from pipeline.kms.pkcs11 import Pkcs11Kms
 from pipeline.kms.pkcs11_errors import device_lost, translate
-from pipeline.kms.pkcs11_token import _function_list, load_module
+from pipeline.kms.pkcs11_native import function_list
+from pipeline.kms.pkcs11_token import load_module
 from pipeline.types import EncryptionContext, Operation
 from tests.outages import P11KIT_PREFIX
 from tests.providers import Hsm
@@ -125,7 +126,7 @@ def test_login_uses_python_pkcs11s_own_function_list(hsm: Hsm) -> None:
     get_list.restype = ctypes.c_ulong
     table = ctypes.c_void_p()
     assert get_list(ctypes.byref(table)) == 0
-    assert ctypes.addressof(_function_list(loaded.lib, "/nonexistent").contents) == table.value
+    assert ctypes.addressof(function_list(loaded.lib, "/nonexistent").contents) == table.value
 
 
 async def test_a_lost_device_reinitialises_the_module_and_logs_in_again(hsm: Hsm) -> None:
