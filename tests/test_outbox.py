@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from collections import defaultdict
 
 import pytest
@@ -10,6 +11,7 @@ from aiokafka.partitioner import DefaultPartitioner
 
 from pipeline.errors import RecordTooLarge
 from tests import kit
+from workers import outbox
 from workers.dev import DevEnv
 from workers.outbox import Outbox
 
@@ -56,3 +58,15 @@ async def test_a_record_above_the_request_size_is_refused(dev_env: DevEnv) -> No
         assert await outbox.flush() == []
     finally:
         await producer.stop()
+
+
+@pytest.mark.parametrize("size", [0, 1, 17, 64, 65, 4096])
+def test_the_remembered_hash_is_the_default_partitioners_for_short_and_long_keys(
+    size: int,
+) -> None:
+    partitioner, partitions = DefaultPartitioner(), list(range(7))
+    for seed in range(50):
+        key = random.Random(seed * 10_000 + size).randbytes(size)
+        for _ in range(2):  # the second time from the memo, for keys short enough to keep
+            chosen = partitions[outbox._positive_hash(key) % len(partitions)]
+            assert chosen == partitioner(key, partitions, partitions), (size, seed)
