@@ -451,12 +451,14 @@ async def produce_steadily(
 ) -> None:
     """Produce `records` in chunks with a pause between them: a live stream, not a backlog.
 
-    Once `until` is set, the rest goes out without pauses.
+    Once `until` is set, the rest goes out at once, in one produce call.
     """
     for start in range(0, len(records), chunk):
+        if until is not None and until.is_set():
+            await produce(bootstrap, topic, records[start:])
+            return
         await produce(bootstrap, topic, records[start : start + chunk])
-        if until is None or not until.is_set():
-            await asyncio.sleep(pause)
+        await asyncio.sleep(pause)
 
 
 async def logged(proc: Proc, text: str, within: float = 60) -> None:

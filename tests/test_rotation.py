@@ -38,7 +38,9 @@ from tests.kit import Proc, Rec, Tail, Workers
 from workers.dev import DevEnv, openbao
 
 DEK_AGE = 2.0  # ENVPIPE_DEK_MAX_AGE_SECONDS of the encrypt workers here
-RECORDS = 4_000  # 40 every 0.1 s: a live stream of about 12 s
+#: 40 every 0.1 s, live until the changes are seen (at most about 25 s), the rest at once: a
+#: slow worker start on a loaded machine must not end the stream before the last change.
+RECORDS = 10_000
 
 
 def header_of(record: Any) -> Header:
@@ -99,23 +101,28 @@ async def rotate_mid_stream(
     enc: str,
     changes: Sequence[tuple[str, Callable[[], Awaitable[object]], Callable[[Header], bool]]],
 ) -> list[tuple[str, float, float]]:
-    """Stream RECORDS into `plain`; 3 s in, make each change and wait for its effect on `enc`.
+    """Stream RECORDS into `plain`; 3 s in, make each change and wait for its effect on `enc`,
+    then send the rest of the records at once.
 
     Returns (what, changed at, first seen at) per change.
     """
     records = kit.keyed(RECORDS, 120)
+    changed = asyncio.Event()
     stream = asyncio.create_task(
-        kit.produce_steadily(bootstrap, plain, records, chunk=40, pause=0.1)
+        kit.produce_steadily(bootstrap, plain, records, chunk=40, pause=0.1, until=changed)
     )
     timings = []
-    async with Tail(bootstrap, enc) as tail:
-        await tail.wait_for(1, within=60)
-        await asyncio.sleep(3)
-        for what, change, matches in changes:
-            changed_at = time.time()
-            await change()
-            timings.append((what, changed_at, await first_arrival(tail, matches, 30)))
-            await asyncio.sleep(1)
+    try:
+        async with Tail(bootstrap, enc) as tail:
+            await tail.wait_for(1, within=60)
+            await asyncio.sleep(3)
+            for what, change, matches in changes:
+                changed_at = time.time()
+                await change()
+                timings.append((what, changed_at, await first_arrival(tail, matches, 30)))
+                await asyncio.sleep(1)
+    finally:
+        changed.set()
     await stream
     return timings
 
