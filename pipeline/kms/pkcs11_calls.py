@@ -32,9 +32,6 @@ __all__ = ["TokenCalls"]
 
 _T = TypeVar("_T")
 
-#: The token itself is gone: find it again by label, not only open a new session.
-_DEVICE_GONE = (p11.DeviceRemoved, p11.TokenNotPresent, p11.TokenNotRecognised)
-
 
 class TokenCalls:
     """Calls on the sessions of one token, each on a thread of `pool`, errors translated."""
@@ -81,8 +78,6 @@ class TokenCalls:
         except ClosedError as exc:
             raise _closed(operation) from exc
         except p11.PKCS11Error as exc:  # re-initialising, opening the session, logging in
-            if isinstance(exc, _DEVICE_GONE):
-                self._sessions.forget_token()
             if device_lost(exc):
                 self._sessions.connection_lost()
             raise translate(
@@ -99,7 +94,7 @@ class TokenCalls:
         if device_lost(exc):
             self._sessions.connection_lost()
         if isinstance(exc, SESSION_LOST):
-            self._sessions.drop_current(forget_token=isinstance(exc, _DEVICE_GONE))
+            self._sessions.drop_current()
         elif isinstance(exc, AMBIGUOUS) and self._sessions.healthy(session):
             # SoftHSM2 answers a failed GCM tag check (wrong C, tampering) with
             # CKR_GENERAL_ERROR: a token that still answers refused this request.

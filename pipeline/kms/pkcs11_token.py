@@ -255,14 +255,12 @@ class TokenSessions:
             return False
         return self.module.functions.login(_handle(session), self._pin)
 
-    def drop_current(self, *, forget_token: bool = False) -> None:
+    def drop_current(self) -> None:
         """Discard this thread's session (the token declared it dead); the next call reopens."""
         session: Session | None = getattr(self._local, "session", None)
         if getattr(self._local, "generation", None) != self._generation:
             session = None  # opened before a re-initialisation: its handle means nothing now
         self._local.session = None
-        if forget_token:
-            self.forget_token()
         if session is None:
             return
         if session in self._sessions:
@@ -271,10 +269,6 @@ class TokenSessions:
             session.close()
         except p11.PKCS11Error:
             _log.debug("closing a dead PKCS#11 session failed", exc_info=True)
-
-    def forget_token(self) -> None:
-        """Look the token up again on the next call: a removed device may return elsewhere."""
-        self._token = None
 
     def healthy(self, session: Session) -> bool:
         """Whether the token still answers (C_GenerateRandom): tells outages from refusals."""
