@@ -332,7 +332,9 @@ async def test_the_faust_app_reads_and_writes_lz4(dev_env: DevEnv, tmp_path: Pat
     from workers.faust_app import FaustTopics
 
     bootstrap = dev_env.bootstrap_servers
-    lz4 = replace(dev_env, variables={**dev_env.variables, "ENVPIPE_COMPRESSION": "lz4"})
+    # v2, so the Faust helper's own keys-topic producer is checked too
+    variables = {**dev_env.variables, "ENVPIPE_COMPRESSION": "lz4", "ENVPIPE_FORMAT": "v2"}
+    lz4 = replace(dev_env, variables=variables)
     launcher = Launcher(Workers(lz4, tmp_path), tmp_path)
     topics = FaustTopics(
         source=kit.name("zfaust-plain"),
@@ -355,7 +357,7 @@ async def test_the_faust_app_reads_and_writes_lz4(dev_env: DevEnv, tmp_path: Pat
     assert Counter(map(Rec.of, await kit.read(bootstrap, topics.clear))) == Counter(
         map(Rec.of, source)
     )
-    for topic in (topics.source, topics.encrypted, topics.clear):
+    for topic in (topics.source, topics.encrypted, f"{topics.encrypted}.keys", topics.clear):
         assert set(await batch_codecs(bootstrap, topic)) == {CODEC_IDS["lz4"]}, topic
 
 

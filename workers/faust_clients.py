@@ -27,6 +27,7 @@ from pipeline.decryptor import Decryptor
 from pipeline.encryptor import Encryptor
 from pipeline.keys_topic import KeysTopicReader, KeysTopicWriter
 from pipeline.kms import CountingKms, open_kms
+from workers.clients import compression
 from workers.flow import retrying
 from workers.jobs import keys_topic_of
 from workers.kafka_access import KafkaAccess
@@ -108,6 +109,7 @@ class AgentClients:
                     sink = await KeysTopicWriter.open(
                         self._keys_topic or keys_topic_of(dest, settings.keys_topic),
                         **kafka.client_kwargs(),
+                        **compression(settings),
                     )
                     self._keys.append(sink)
                 sealing = Seal(settings, stream=self._stream, client=kms)
