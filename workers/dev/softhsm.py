@@ -84,16 +84,26 @@ def write_config(root: Path) -> Path:
     return conf
 
 
-def _run(argv: list[str], env: dict[str, str], timeout: float, what: str, stdin: str = "") -> None:
+def _run(
+    argv: list[str],
+    env: dict[str, str],
+    timeout: float,
+    what: str,
+    stdin: str = "",
+    *,
+    expected: tuple[int, ...] = (0,),
+) -> int:
+    """Run a one-shot tool; its exit code, which must be one of `expected`."""
     try:
         done = subprocess.run(
             argv, env=env, input=stdin, capture_output=True, text=True, timeout=timeout, check=False
         )
     except subprocess.TimeoutExpired as exc:
         raise ServiceError(f"{what} did not finish within {timeout:g} s") from exc
-    if done.returncode != 0:
+    if done.returncode not in expected:
         output = (done.stderr or done.stdout).strip()[-500:]
         raise ServiceError(f"{what} failed (exit {done.returncode}): {output}")
+    return done.returncode
 
 
 def init_token(
@@ -289,16 +299,8 @@ class NetworkToken:
         argv = [sys.executable, "-P", "-m", "workers.dev.softhsm", "--probe-gcm"]
         argv += [self.client_module, self._token]
         env = {**os.environ, **self.variables}
-        try:
-            done = subprocess.run(
-                argv, env=env, input=pin + "\n", capture_output=True, text=True,
-                timeout=timeout, check=False,
-            )  # fmt: skip
-        except subprocess.TimeoutExpired as exc:
-            raise ServiceError(f"probing p11-kit for AES-GCM took over {timeout:g} s") from exc
-        if done.returncode not in (0, _NO_GCM):
-            raise ServiceError(f"probing p11-kit for AES-GCM failed: {done.stderr[-500:]}")
-        return done.returncode == 0
+        what = "probing p11-kit for AES-GCM"
+        return _run(argv, env, timeout, what, stdin=pin + "\n", expected=(0, _NO_GCM)) == 0
 
     def __enter__(self) -> NetworkToken:
         self.start()
